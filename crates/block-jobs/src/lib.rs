@@ -1,0 +1,19 @@
+//! Block jobs: the job framework (states, verbs, pause points, speed limit,
+//! error policies, events, registry) and the jobs that move data between
+//! nodes of a block graph: backup (copy-before-write), mirror, active and
+//! plain commit, stream.
+//!
+//! The behaviour follows QEMU's `job.c`, `block/backup.c`,
+//! `block/copy-before-write.c`, `block/block-copy.c`, `block/mirror.c` and
+//! `block/commit.c`; the code is our own.
+
+pub mod error;
+pub mod job;
+pub mod ratelimit;
+
+pub use error::{ErrorKind, JobError, Result};
+pub use job::{
+    ErrorAction, IoOperation, Job, JobContext, JobDriver, JobEvent, JobInfo, JobManager,
+    JobOptions, JobOutcome, JobStatus, JobType, JobVerb, OnError,
+};
+pub use ratelimit::RateLimit;
