@@ -1,0 +1,1739 @@
+//! The qcow2 image: mapping, reads, writes with copy-on-write, zeroing,
+//! discard, make_empty, grow, flush with ordered metadata writes, check and repair.
+
+use crate::cache::TableCache;
+use crate::error::{corrupt, invalid, unsupported, Error, ErrorKind, Result};
+use crate::header::{self, be64, Header};
+use crate::storage::Storage;
+use parking_lot::Mutex;
+use roaring::{RoaringBitmap, RoaringTreemap};
+use std::collections::HashMap;
+
+const OFFSET_MASK: u64 = 0x00ff_ffff_ffff_fe00;
+const COPIED: u64 = 1 << 63;
+const COMPRESSED: u64 = 1 << 62;
+const ZERO: u64 = 1;
+const L1_RESERVED: u64 = !(OFFSET_MASK | COPIED);
+const L2_RESERVED: u64 = 0x3f00_0000_0000_01fe;
+const RT_RESERVED: u64 = 0x1ff;
+
+/// Options for [`Qcow2::create`].
+#[derive(Debug, Clone)]
+pub struct CreateOptions {
+    /// Virtual size in bytes.
+    pub size: u64,
+    /// Cluster size: a power of two from 512 B to 2 MiB (default 64 KiB).
+    pub cluster_size: u64,
+    /// Backing file name stored in the header (resolved by the opener).
+    pub backing_file: Option<String>,
+    /// Backing format stored in the backing-format extension ("raw", "qcow2").
+    pub backing_format: Option<String>,
+    /// Set the lazy-refcounts compatible bit: refcounts reach the disk only on close.
+    pub lazy_refcounts: bool,
+    /// Preallocate L2 tables and (zero-flagged) data clusters.
+    pub preallocation: Preallocation,
+}
+
+impl Default for CreateOptions {
+    fn default() -> Self {
+        CreateOptions {
+            size: 0,
+            cluster_size: 65536,
+            backing_file: None,
+            backing_format: None,
+            lazy_refcounts: false,
+            preallocation: Preallocation::Off,
+        }
+    }
+}
+
+/// Preallocation modes of [`CreateOptions`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Preallocation {
+    /// Allocate on write.
+    #[default]
+    Off,
+    /// Allocate every L2 table and data cluster at create time; data clusters
+    /// carry the zero flag so they read as zeros.
+    Metadata,
+}
+
+/// Options for [`Qcow2::open_with`].
+#[derive(Debug, Clone, Copy)]
+pub struct OpenOptions {
+    /// Refuse every change to the image.
+    pub read_only: bool,
+    /// How many L2 tables the cache holds.
+    pub l2_cache_tables: usize,
+    /// How many refcount blocks the cache holds.
+    pub refcount_cache_tables: usize,
+}
+
+impl Default for OpenOptions {
+    fn default() -> Self {
+        OpenOptions {
+            read_only: false,
+            l2_cache_tables: 64,
+            refcount_cache_tables: 16,
+        }
+    }
+}
+
+/// Where a range of the virtual disk lives.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mapping {
+    /// Stored in this image at `host_offset` of the image file (contiguous for the run).
+    Data {
+        /// Byte offset in the image file of the run's first byte.
+        host_offset: u64,
+    },
+    /// Reads as zeros (zero flag), without asking the backing file.
+    Zero,
+    /// Not allocated here: read from the backing file, or zeros without one.
+    Unallocated,
+}
+
+/// Read access to a backing image, for reads of unallocated ranges and for
+/// copy-on-write. Bytes past `backing_len` read as zeros.
+pub trait BackingRead: Send + Sync {
+    /// Length of the backing image in bytes.
+    fn backing_len(&self) -> u64;
+    /// Read `buf.len()` bytes at `offset` (the caller keeps it below `backing_len`).
+    fn read_backing(&self, offset: u64, buf: &mut [u8]) -> Result<()>;
+}
+
+/// A raw image (any [`Storage`]) used as a backing file.
+#[derive(Debug)]
+pub struct RawBacking<S>(pub S);
+
+impl<S: Storage> BackingRead for RawBacking<S> {
+    fn backing_len(&self) -> u64 {
+        self.0.len().unwrap_or(0)
+    }
+    fn read_backing(&self, offset: u64, buf: &mut [u8]) -> Result<()> {
+        self.0
+            .read_at(buf, offset)
+            .map_err(|e| Error::io(e, format!("backing read at {offset}")))
+    }
+}
+
+/// A qcow2 image together with its own backing, used as the backing of another image.
+pub struct Chain<'a, S: Storage>(pub &'a Qcow2<S>, pub Option<&'a dyn BackingRead>);
+
+impl<S: Storage> BackingRead for Chain<'_, S> {
+    fn backing_len(&self) -> u64 {
+        self.0.size()
+    }
+    fn read_backing(&self, offset: u64, buf: &mut [u8]) -> Result<()> {
+        self.0.read(offset, buf, self.1)
+    }
+}
+
+/// What [`Qcow2::check`] found. A clean image has no leaks and no corruptions.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct CheckReport {
+    /// Clusters whose stored refcount is above their number of references.
+    pub leaks: u64,
+    /// Referenced clusters whose refcount is too low, bad entries, overlaps...
+    pub corruptions: u64,
+    /// Clusters referenced more than once (overlapping metadata or data).
+    pub overlaps: u64,
+    /// L1/L2 entries whose COPIED flag disagrees with the refcount.
+    pub copied_flag_errors: u64,
+    /// Human-readable findings, capped at 100.
+    pub messages: Vec<String>,
+    /// Clusters in use (refcount above zero).
+    pub allocated_clusters: u64,
+    /// End of the last cluster in use.
+    pub image_end_offset: u64,
+}
+
+impl CheckReport {
+    /// No leaks and no corruptions.
+    pub fn is_clean(&self) -> bool {
+        self.leaks == 0 && self.corruptions == 0
+    }
+    fn note(&mut self, msg: String) {
+        if self.messages.len() < 100 {
+            self.messages.push(msg);
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Entry {
+    Unalloc,
+    /// Zero flag; the host cluster when preallocated.
+    Zero(Option<u64>, bool),
+    /// Data at host offset, COPIED flag.
+    Data(u64, bool),
+    Compressed,
+}
+
+struct Meta {
+    h: Header,
+    l1: Vec<u64>,
+    l1_dirty: bool,
+    l1_used: RoaringBitmap,
+    l2: TableCache,
+    rt: Vec<u64>,
+    rt_dirty: bool,
+    rb: TableCache,
+    header_dirty: bool,
+    /// First cluster index past everything allocated (we allocate here when the free set is empty).
+    end_cluster: u64,
+    /// Known length of the image file in bytes.
+    file_len: u64,
+    /// Clusters with refcount 0 below end_cluster whose freeing is durable.
+    free: RoaringTreemap,
+    /// Clusters to decrement once the metadata dropping them is durable.
+    pending_decref: Vec<u64>,
+    dirty_on_disk: bool,
+}
+
+/// A qcow2 version 3 image over a [`Storage`].
+///
+/// All methods take `&self`; metadata sits under one lock, and reads and
+/// writes into already-allocated clusters do their data I/O outside it.
+pub struct Qcow2<S: Storage> {
+    storage: S,
+    meta: Mutex<Meta>,
+    read_only: bool,
+    cluster_bits: u32,
+    lazy: bool,
+}
+
+impl<S: Storage> std::fmt::Debug for Qcow2<S> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Qcow2")
+            .field("size", &self.size())
+            .field("cluster_size", &self.cluster_size())
+            .field("read_only", &self.read_only)
+            .finish()
+    }
+}
+
+fn io_err(what: &str, off: u64) -> impl FnOnce(std::io::Error) -> Error + '_ {
+    move |e| Error::io(e, format!("{what} at offset {off:#x}"))
+}
+
+impl<S: Storage> Qcow2<S> {
+    // ---------------------------------------------------------------- create / open
+
+    /// Create a new image on `storage` (which should be empty) and open it read-write.
+    pub fn create(storage: S, opts: &CreateOptions) -> Result<Self> {
+        let cs = opts.cluster_size;
+        if !cs.is_power_of_two() || !(512..=(2 << 20)).contains(&cs) {
+            return Err(Error::new(
+                ErrorKind::InvalidArgument,
+                format!("cluster size {cs} must be a power of two from 512 to 2 MiB"),
+            ));
+        }
+        let cb = cs.trailing_zeros();
+        if opts.size > header::MAX_VIRTUAL_SIZE {
+            return Err(Error::new(
+                ErrorKind::InvalidArgument,
+                format!("virtual size {} too large", opts.size),
+            ));
+        }
+        let l1_entries = header::l1_entries_for(opts.size, cb);
+        if l1_entries * 8 > header::MAX_L1_BYTES {
+            return Err(Error::new(
+                ErrorKind::InvalidArgument,
+                format!("virtual size {} needs too large an L1 table", opts.size),
+            ));
+        }
+        if let Some(b) = &opts.backing_file {
+            if b.is_empty() || b.len() > 1023 {
+                return Err(Error::new(
+                    ErrorKind::InvalidArgument,
+                    "backing file name must have 1..=1023 bytes",
+                ));
+            }
+        }
+        if opts.backing_format.is_some() && opts.backing_file.is_none() {
+            return Err(Error::new(
+                ErrorKind::InvalidArgument,
+                "backing format given without a backing file",
+            ));
+        }
+        let l1_clusters = (l1_entries * 8).div_ceil(cs).max(1);
+        let l1_off = cs;
+        let backing = opts
+            .backing_file
+            .as_deref()
+            .map(|b| (b, opts.backing_format.as_deref()));
+        // The refcount table is placed by the rebuild below; point the
+        // header at the L1 cluster for now (it is rewritten before use).
+        let hdr = header::build_header(
+            cb,
+            opts.size,
+            l1_entries as u32,
+            l1_off,
+            l1_off,
+            1,
+            opts.lazy_refcounts,
+            backing,
+        );
+        if hdr.len() as u64 > cs {
+            return Err(Error::new(
+                ErrorKind::InvalidArgument,
+                "header and backing name do not fit in one cluster",
+            ));
+        }
+        storage.set_len(0).map_err(io_err("truncate", 0))?;
+        storage
+            .write_at(&hdr, 0)
+            .map_err(io_err("header write", 0))?;
+        let zeros = vec![0u8; (l1_clusters * cs) as usize];
+        storage
+            .write_at(&zeros, l1_off)
+            .map_err(io_err("L1 write", l1_off))?;
+        let h = Header::parse(&hdr)?;
+        let img = Self::from_parts(storage, h, OpenOptions::default(), true)?;
+        {
+            let mut m = img.meta.lock();
+            // Build refcounts for header + L1 from scratch.
+            img.rebuild_refcounts(&mut m, &mut CheckReport::default())?;
+        }
+        if opts.preallocation == Preallocation::Metadata {
+            img.preallocate()?;
+        }
+        img.close()?;
+        Ok(img)
+    }
+
+    /// Open an existing image; read-write opens repair a dirty image.
+    pub fn open(storage: S, read_only: bool) -> Result<Self> {
+        Self::open_with(
+            storage,
+            OpenOptions {
+                read_only,
+                ..Default::default()
+            },
+        )
+    }
+
+    /// Open with explicit options (cache sizes).
+    pub fn open_with(storage: S, opts: OpenOptions) -> Result<Self> {
+        let mut first = vec![0u8; 104];
+        storage
+            .read_at(&mut first, 0)
+            .map_err(io_err("header read", 0))?;
+        if header::be32(&first, 0) != header::MAGIC {
+            return Err(invalid("bad magic: not a qcow2 image"));
+        }
+        let cb = header::be32(&first, 20);
+        if !(9..=21).contains(&cb) {
+            return Err(invalid(format!("cluster_bits {cb} outside 9..=21")));
+        }
+        let mut buf = vec![0u8; 1usize << cb];
+        storage
+            .read_at(&mut buf, 0)
+            .map_err(io_err("header read", 0))?;
+        let h = Header::parse(&buf)?;
+        let img = Self::from_parts(storage, h, opts, false)?;
+        if !img.read_only {
+            let mut m = img.meta.lock();
+            if m.h.autoclear != 0 {
+                m.h.autoclear = 0;
+                img.write_header(&mut m)?;
+                img.sflush()?;
+            }
+            if m.h.incompatible & header::INCOMPAT_DIRTY != 0 {
+                m.dirty_on_disk = true;
+                img.repair_locked(&mut m)?;
+                img.clear_dirty(&mut m)?;
+            }
+        }
+        Ok(img)
+    }
+
+    fn from_parts(storage: S, h: Header, opts: OpenOptions, creating: bool) -> Result<Self> {
+        let cs = h.cluster_size();
+        let read_only = opts.read_only;
+        if !read_only {
+            if h.incompatible & header::INCOMPAT_CORRUPT != 0 {
+                return Err(corrupt(
+                    "image is marked corrupt (incompatible bit 1): open read-only",
+                ));
+            }
+            if h.nb_snapshots > 0 {
+                return Err(unsupported(
+                    "internal snapshots: such images can only be opened read-only",
+                ));
+            }
+            if h.refcount_order != 4 {
+                return Err(unsupported(format!(
+                    "refcount_order {} (only 4, 16-bit refcounts, is writable)",
+                    h.refcount_order
+                )));
+            }
+        }
+        let file_len = storage.len().map_err(io_err("length", 0))?;
+        let l1_bytes = h.l1_size as u64 * 8;
+        if l1_bytes > 0 && h.l1_table_offset + l1_bytes > file_len {
+            return Err(invalid(format!(
+                "L1 table at {:#x} ({} entries) lies past the end of the file",
+                h.l1_table_offset, h.l1_size
+            )));
+        }
+        if !creating
+            && h.refcount_table_offset + (h.refcount_table_clusters as u64 * cs)
+                > file_len.div_ceil(cs) * cs
+        {
+            return Err(invalid(format!(
+                "refcount table at {:#x} lies past the end of the file",
+                h.refcount_table_offset
+            )));
+        }
+        let mut l1b = vec![0u8; h.l1_size as usize * 8];
+        storage
+            .read_at(&mut l1b, h.l1_table_offset)
+            .map_err(io_err("L1 read", h.l1_table_offset))?;
+        let l1: Vec<u64> = l1b.chunks_exact(8).map(|c| be64(c, 0)).collect();
+        let rt_bytes = h.refcount_table_clusters as u64 * cs;
+        let mut rtb = vec![0u8; if creating { 0 } else { rt_bytes as usize }];
+        storage
+            .read_at(&mut rtb, h.refcount_table_offset)
+            .map_err(io_err("refcount table read", h.refcount_table_offset))?;
+        let rt: Vec<u64> = rtb.chunks_exact(8).map(|c| be64(c, 0)).collect();
+        let l1_end = h.l1_table_offset + ((h.l1_size as u64 * 8).div_ceil(cs) * cs);
+        let rt_end = h.refcount_table_offset + rt_bytes;
+        let end = file_len
+            .max(cs)
+            .max(l1_end)
+            .max(if creating { 0 } else { rt_end })
+            .div_ceil(cs);
+        let mut l1_used = RoaringBitmap::new();
+        for (i, e) in l1.iter().enumerate() {
+            if e & OFFSET_MASK != 0 {
+                l1_used.insert(i as u32);
+            }
+        }
+        let lazy = h.compatible & header::COMPAT_LAZY_REFCOUNTS != 0;
+        let dirty_on_disk = h.incompatible & header::INCOMPAT_DIRTY != 0;
+        Ok(Qcow2 {
+            storage,
+            read_only,
+            cluster_bits: h.cluster_bits,
+            lazy,
+            meta: Mutex::new(Meta {
+                h,
+                l1,
+                l1_dirty: false,
+                l1_used,
+                l2: TableCache::new(opts.l2_cache_tables),
+                rt,
+                rt_dirty: false,
+                rb: TableCache::new(opts.refcount_cache_tables),
+                header_dirty: false,
+                end_cluster: end,
+                file_len,
+                free: RoaringTreemap::new(),
+                pending_decref: Vec::new(),
+                dirty_on_disk,
+            }),
+        })
+    }
+
+    // ---------------------------------------------------------------- accessors
+
+    /// Virtual size in bytes.
+    pub fn size(&self) -> u64 {
+        self.meta.lock().h.size
+    }
+    /// Cluster size in bytes.
+    pub fn cluster_size(&self) -> u64 {
+        1 << self.cluster_bits
+    }
+    /// Opened read-only.
+    pub fn is_read_only(&self) -> bool {
+        self.read_only
+    }
+    /// The backing file name from the header.
+    pub fn backing_file(&self) -> Option<String> {
+        self.meta.lock().h.backing_file.clone()
+    }
+    /// The backing format from the header extension.
+    pub fn backing_format(&self) -> Option<String> {
+        self.meta.lock().h.backing_format.clone()
+    }
+    /// Whether the lazy-refcounts bit is set.
+    pub fn lazy_refcounts(&self) -> bool {
+        self.lazy
+    }
+    /// The storage under the image.
+    pub fn storage(&self) -> &S {
+        &self.storage
+    }
+    /// Number of L2 tables currently allocated (the set make_empty visits).
+    pub fn allocated_l2_tables(&self) -> u64 {
+        self.meta.lock().l1_used.len()
+    }
+
+    fn cs(&self) -> u64 {
+        1 << self.cluster_bits
+    }
+    fn l2_entries(&self) -> u64 {
+        self.cs() / 8
+    }
+    fn rb_entries(&self) -> u64 {
+        self.cs() / 2
+    }
+
+    fn check_writable(&self) -> Result<()> {
+        if self.read_only {
+            Err(Error::new(ErrorKind::ReadOnly, "image opened read-only"))
+        } else {
+            Ok(())
+        }
+    }
+
+    fn check_range(&self, m: &Meta, offset: u64, len: u64) -> Result<()> {
+        match offset.checked_add(len) {
+            Some(end) if end <= m.h.size => Ok(()),
+            _ => Err(Error::new(
+                ErrorKind::OutOfRange,
+                format!(
+                    "request offset {offset} length {len} past virtual size {}",
+                    m.h.size
+                ),
+            )),
+        }
+    }
+
+    fn sflush(&self) -> Result<()> {
+        self.storage
+            .flush()
+            .map_err(|e| Error::io(e, "flush of the image file"))
+    }
+
+    fn swrite(&self, m: &mut Meta, buf: &[u8], off: u64, what: &str) -> Result<()> {
+        self.storage.write_at(buf, off).map_err(io_err(what, off))?;
+        m.file_len = m.file_len.max(off + buf.len() as u64);
+        Ok(())
+    }
+
+    // ---------------------------------------------------------------- entries
+
+    fn host_ok(&self, m: &Meta, off: u64, what: &str) -> Result<u64> {
+        if off % self.cs() != 0 {
+            return Err(corrupt(format!("{what} {off:#x} not cluster-aligned")));
+        }
+        if off == 0 || off >> self.cluster_bits >= m.end_cluster {
+            return Err(corrupt(format!("{what} {off:#x} outside the image file")));
+        }
+        Ok(off)
+    }
+
+    fn l1_decode(&self, m: &Meta, idx: u64) -> Result<Option<u64>> {
+        let Some(&e) = m.l1.get(idx as usize) else {
+            return Ok(None);
+        };
+        if e & L1_RESERVED != 0 {
+            return Err(corrupt(format!(
+                "L1 entry {idx} has reserved bits set: {e:#x}"
+            )));
+        }
+        let off = e & OFFSET_MASK;
+        if off == 0 {
+            return Ok(None);
+        }
+        self.host_ok(m, off, "L2 table offset").map(Some)
+    }
+
+    fn decode_l2(&self, m: &Meta, e: u64, vofs: u64) -> Result<Entry> {
+        if e & COMPRESSED != 0 {
+            return Ok(Entry::Compressed);
+        }
+        if e & L2_RESERVED != 0 {
+            return Err(corrupt(format!(
+                "L2 entry for guest offset {vofs} has reserved bits set: {e:#x}"
+            )));
+        }
+        let off = e & OFFSET_MASK;
+        let copied = e & COPIED != 0;
+        if e & ZERO != 0 {
+            if off == 0 {
+                return Ok(Entry::Zero(None, copied));
+            }
+            let off = self.host_ok(m, off, "data cluster")?;
+            return Ok(Entry::Zero(Some(off), copied));
+        }
+        if off == 0 {
+            return Ok(Entry::Unalloc);
+        }
+        Ok(Entry::Data(self.host_ok(m, off, "data cluster")?, copied))
+    }
+
+    fn read_cluster(&self, off: u64, what: &str) -> Result<Vec<u8>> {
+        let mut v = vec![0u8; self.cs() as usize];
+        self.storage
+            .read_at(&mut v, off)
+            .map_err(io_err(what, off))?;
+        Ok(v)
+    }
+
+    /// Make sure the L2 table at `off` is cached (evicting if needed).
+    fn l2_load(&self, m: &mut Meta, off: u64) -> Result<()> {
+        if m.l2.contains(off) {
+            return Ok(());
+        }
+        self.l2_make_room(m, off)?;
+        let data = self.read_cluster(off, "L2 table read")?;
+        m.l2.insert(off, data, false);
+        Ok(())
+    }
+
+    fn l2_make_room(&self, m: &mut Meta, keep: u64) -> Result<()> {
+        if !m.l2.is_full() || m.l2.evict_clean(keep) {
+            return Ok(());
+        }
+        // Every cached table is dirty: their data and refcounts must be
+        // durable before the tables may reach the disk.
+        self.write_refcounts_ordered(m)?;
+        for off in m.l2.dirty_offsets() {
+            if off == keep {
+                continue;
+            }
+            if let Some(e) = m.l2.remove(off) {
+                self.swrite(m, &e.data, off, "L2 table write")?;
+            }
+            break;
+        }
+        Ok(())
+    }
+
+    fn l2_get(&self, m: &mut Meta, l2_off: u64, idx: u64) -> Result<u64> {
+        self.l2_load(m, l2_off)?;
+        let e = m.l2.get(l2_off).ok_or_else(|| corrupt("L2 cache miss"))?;
+        Ok(be64(&e.data, idx as usize * 8))
+    }
+
+    fn l2_set(&self, m: &mut Meta, l2_off: u64, idx: u64, v: u64) -> Result<()> {
+        self.l2_load(m, l2_off)?;
+        let e = m.l2.get(l2_off).ok_or_else(|| corrupt("L2 cache miss"))?;
+        let i = idx as usize * 8;
+        e.data[i..i + 8].copy_from_slice(&v.to_be_bytes());
+        e.dirty = true;
+        Ok(())
+    }
+
+    /// The L2 entry of guest offset `vofs`.
+    fn entry(&self, m: &mut Meta, vofs: u64) -> Result<Entry> {
+        let cl = vofs >> self.cluster_bits;
+        let l1i = cl / self.l2_entries();
+        let Some(l2_off) = self.l1_decode(m, l1i)? else {
+            return Ok(Entry::Unalloc);
+        };
+        let raw = self.l2_get(m, l2_off, cl % self.l2_entries())?;
+        self.decode_l2(m, raw, vofs)
+    }
+
+    // ---------------------------------------------------------------- refcounts
+
+    fn rb_load(&self, m: &mut Meta, off: u64) -> Result<()> {
+        if m.rb.contains(off) {
+            return Ok(());
+        }
+        self.rb_make_room(m, off)?;
+        let data = self.read_cluster(off, "refcount block read")?;
+        m.rb.insert(off, data, false);
+        Ok(())
+    }
+
+    fn rt_block(&self, m: &Meta, rti: u64) -> Result<Option<u64>> {
+        let Some(&e) = m.rt.get(rti as usize) else {
+            return Ok(None);
+        };
+        if e & RT_RESERVED != 0 {
+            return Err(corrupt(format!(
+                "refcount table entry {rti} has reserved bits set: {e:#x}"
+            )));
+        }
+        if e == 0 {
+            return Ok(None);
+        }
+        self.host_ok(m, e, "refcount block offset").map(Some)
+    }
+
+    fn rc_get(&self, m: &mut Meta, cluster: u64) -> Result<u64> {
+        let per = self.rb_entries();
+        let Some(b) = self.rt_block(m, cluster / per)? else {
+            return Ok(0);
+        };
+        self.rb_load(m, b)?;
+        let e = m.rb.get(b).ok_or_else(|| corrupt("refcount cache miss"))?;
+        let i = (cluster % per) as usize * 2;
+        Ok(u16::from_be_bytes([e.data[i], e.data[i + 1]]) as u64)
+    }
+
+    fn rc_set(&self, m: &mut Meta, cluster: u64, v: u64) -> Result<()> {
+        let per = self.rb_entries();
+        let rti = cluster / per;
+        let b = match self.rt_block(m, rti)? {
+            Some(b) => b,
+            None => self.new_refblock(m, rti)?,
+        };
+        self.rb_load(m, b)?;
+        let e = m.rb.get(b).ok_or_else(|| corrupt("refcount cache miss"))?;
+        let i = (cluster % per) as usize * 2;
+        let v = v.min(u16::MAX as u64) as u16;
+        e.data[i..i + 2].copy_from_slice(&v.to_be_bytes());
+        e.dirty = true;
+        Ok(())
+    }
+
+    /// Allocate a refcount block for table entry `rti`, growing the table if needed.
+    fn new_refblock(&self, m: &mut Meta, rti: u64) -> Result<u64> {
+        if rti as usize >= m.rt.len() {
+            self.grow_reftable(m, rti + 1)?;
+        }
+        let c = self.take_raw(m);
+        let off = c << self.cluster_bits;
+        self.rb_make_room(m, u64::MAX)?;
+        m.rb.insert(off, vec![0u8; self.cs() as usize], true);
+        m.rt[rti as usize] = off;
+        m.rt_dirty = true;
+        self.rc_set(m, c, 1)?;
+        Ok(off)
+    }
+
+    /// Refcount blocks hold increments (a leak at worst if written early)
+    /// and decrements made after the freeing metadata was durable, so a dirty
+    /// block may be written at any time once the dirty bit is on disk.
+    fn rb_make_room(&self, m: &mut Meta, keep: u64) -> Result<()> {
+        if m.rb.is_full() && !m.rb.evict_clean(keep) {
+            self.ensure_dirty(m)?;
+            for o in m.rb.dirty_offsets() {
+                let data = match m.rb.get(o) {
+                    Some(e) => {
+                        e.dirty = false;
+                        e.data.clone()
+                    }
+                    None => continue,
+                };
+                self.swrite(m, &data, o, "refcount block write")?;
+            }
+            m.rb.evict_clean(keep);
+        }
+        Ok(())
+    }
+
+    /// Move the refcount table to a larger place at the end of the file.
+    fn grow_reftable(&self, m: &mut Meta, min_entries: u64) -> Result<()> {
+        let cs = self.cs();
+        let entries = min_entries.max(m.rt.len() as u64 * 2);
+        let clusters = (entries * 8).div_ceil(cs);
+        if clusters * cs > header::MAX_REFTABLE_BYTES.max(cs) {
+            return Err(Error::new(
+                ErrorKind::InvalidArgument,
+                "refcount table would exceed 8 MiB: image file too large",
+            ));
+        }
+        let start = m.end_cluster;
+        m.end_cluster += clusters;
+        let old_off = m.h.refcount_table_offset;
+        let old_clusters = m.h.refcount_table_clusters as u64;
+        m.rt.resize((clusters * cs / 8) as usize, 0);
+        m.h.refcount_table_offset = start << self.cluster_bits;
+        m.h.refcount_table_clusters = clusters as u32;
+        m.rt_dirty = true;
+        m.header_dirty = true;
+        for c in start..start + clusters {
+            self.rc_set(m, c, 1)?;
+        }
+        for c in 0..old_clusters {
+            m.pending_decref.push((old_off >> self.cluster_bits) + c);
+        }
+        Ok(())
+    }
+
+    /// Take the next cluster at the end of the file without touching refcounts.
+    fn take_raw(&self, m: &mut Meta) -> u64 {
+        let c = m.end_cluster;
+        m.end_cluster += 1;
+        c
+    }
+
+    /// Allocate one cluster (refcount set to 1); reuses durably freed clusters first.
+    fn alloc_cluster(&self, m: &mut Meta) -> Result<u64> {
+        loop {
+            let c = match m.free.min() {
+                Some(c) => {
+                    m.free.remove(c);
+                    c
+                }
+                None => self.take_raw(m),
+            };
+            if self.rc_get(m, c)? == 0 {
+                self.rc_set(m, c, 1)?;
+                return Ok(c);
+            }
+        }
+    }
+
+    /// Allocate `n` contiguous clusters at the end of the file.
+    fn alloc_contiguous(&self, m: &mut Meta, n: u64) -> Result<u64> {
+        'outer: loop {
+            let start = m.end_cluster;
+            for c in start..start + n {
+                if self.rc_get(m, c)? != 0 {
+                    m.end_cluster = c + 1;
+                    continue 'outer;
+                }
+            }
+            m.end_cluster = start + n;
+            for c in start..start + n {
+                self.rc_set(m, c, 1)?;
+            }
+            return Ok(start);
+        }
+    }
+
+    // ---------------------------------------------------------------- ordered flush
+
+    fn write_header(&self, m: &mut Meta) -> Result<()> {
+        m.h.sync_raw();
+        let raw = m.h.raw.clone();
+        self.swrite(m, &raw, 0, "header write")?;
+        m.header_dirty = false;
+        Ok(())
+    }
+
+    fn ensure_dirty(&self, m: &mut Meta) -> Result<()> {
+        if m.dirty_on_disk {
+            return Ok(());
+        }
+        m.h.incompatible |= header::INCOMPAT_DIRTY;
+        let v = m.h.incompatible.to_be_bytes();
+        self.swrite(m, &v, header::OFF_INCOMPAT as u64, "header write")?;
+        self.sflush()?;
+        m.dirty_on_disk = true;
+        Ok(())
+    }
+
+    fn clear_dirty(&self, m: &mut Meta) -> Result<()> {
+        m.h.incompatible &= !header::INCOMPAT_DIRTY;
+        let v = m.h.incompatible.to_be_bytes();
+        self.swrite(m, &v, header::OFF_INCOMPAT as u64, "header write")?;
+        self.sflush()?;
+        m.dirty_on_disk = false;
+        Ok(())
+    }
+
+    /// Data durable, then refcount blocks and table, then the header when it
+    /// points somewhere new. After this, L2 tables may be written.
+    fn write_refcounts_ordered(&self, m: &mut Meta) -> Result<()> {
+        self.ensure_dirty(m)?;
+        self.sflush()?;
+        if !self.lazy || m.header_dirty || m.rt_dirty {
+            self.write_refcounts(m)?;
+        }
+        Ok(())
+    }
+
+    fn write_refcounts(&self, m: &mut Meta) -> Result<()> {
+        let mut wrote = false;
+        for o in m.rb.dirty_offsets() {
+            let data = match m.rb.get(o) {
+                Some(e) => {
+                    e.dirty = false;
+                    e.data.clone()
+                }
+                None => continue,
+            };
+            self.swrite(m, &data, o, "refcount block write")?;
+            wrote = true;
+        }
+        if m.rt_dirty {
+            let mut b = Vec::with_capacity(m.rt.len() * 8);
+            for e in &m.rt {
+                b.extend_from_slice(&e.to_be_bytes());
+            }
+            let off = m.h.refcount_table_offset;
+            self.swrite(m, &b, off, "refcount table write")?;
+            m.rt_dirty = false;
+            wrote = true;
+        }
+        if wrote {
+            self.sflush()?;
+        }
+        if m.header_dirty {
+            self.write_header(m)?;
+            self.sflush()?;
+        }
+        Ok(())
+    }
+
+    fn has_changes(m: &Meta) -> bool {
+        m.l1_dirty
+            || m.rt_dirty
+            || m.header_dirty
+            || !m.pending_decref.is_empty()
+            || m.l2.has_dirty()
+            || m.rb.has_dirty()
+    }
+
+    /// The ordered metadata flush: data, refcount increments, L2 tables, L1
+    /// table, then the decrements of clusters those tables dropped.
+    fn flush_locked(&self, m: &mut Meta, force_refcounts: bool) -> Result<()> {
+        if !Self::has_changes(m) {
+            return self.sflush();
+        }
+        self.write_refcounts_ordered(m)?;
+        let mut wrote = false;
+        for off in m.l2.dirty_offsets() {
+            let data = match m.l2.get(off) {
+                Some(e) => {
+                    e.dirty = false;
+                    e.data.clone()
+                }
+                None => continue,
+            };
+            self.swrite(m, &data, off, "L2 table write")?;
+            wrote = true;
+        }
+        if wrote {
+            self.sflush()?;
+        }
+        if m.l1_dirty {
+            self.write_l1(m)?;
+            self.sflush()?;
+        }
+        if !m.pending_decref.is_empty() {
+            let list = std::mem::take(&mut m.pending_decref);
+            let mut freed = Vec::new();
+            for c in list {
+                let rc = self.rc_get(m, c)?;
+                if rc > 0 {
+                    self.rc_set(m, c, rc - 1)?;
+                    if rc == 1 {
+                        freed.push(c);
+                    }
+                }
+            }
+            if !self.lazy || force_refcounts {
+                self.write_refcounts(m)?;
+            }
+            for c in freed {
+                m.free.insert(c);
+            }
+        }
+        if force_refcounts {
+            self.write_refcounts(m)?;
+        }
+        Ok(())
+    }
+
+    fn write_l1(&self, m: &mut Meta) -> Result<()> {
+        let cs = self.cs();
+        let bytes = (m.l1.len() as u64 * 8).div_ceil(cs) * cs;
+        let mut b = vec![0u8; bytes as usize];
+        for (i, e) in m.l1.iter().enumerate() {
+            b[i * 8..i * 8 + 8].copy_from_slice(&e.to_be_bytes());
+        }
+        let off = m.h.l1_table_offset;
+        self.swrite(m, &b, off, "L1 table write")?;
+        m.l1_dirty = false;
+        Ok(())
+    }
+
+    /// Make every completed write durable (data and metadata, in a crash-safe order).
+    pub fn flush(&self) -> Result<()> {
+        if self.read_only {
+            return Ok(());
+        }
+        let mut m = self.meta.lock();
+        self.flush_locked(&mut m, false)
+    }
+
+    /// Flush, write exact refcounts and clear the dirty bit: the image is then
+    /// clean for QEMU's `qemu-img check`. The image stays usable.
+    pub fn close(&self) -> Result<()> {
+        if self.read_only {
+            return Ok(());
+        }
+        let mut m = self.meta.lock();
+        self.flush_locked(&mut m, true)?;
+        if m.dirty_on_disk || m.h.incompatible & header::INCOMPAT_DIRTY != 0 {
+            self.clear_dirty(&mut m)?;
+        }
+        Ok(())
+    }
+
+    // ---------------------------------------------------------------- map and read
+
+    /// Where the range at `offset` (up to `len` bytes) lives: the kind of the
+    /// first cluster and how many bytes from `offset` share it (contiguous on
+    /// the host for data).
+    pub fn map(&self, offset: u64, len: u64) -> Result<(Mapping, u64)> {
+        let mut m = self.meta.lock();
+        self.check_range(&m, offset, len)?;
+        self.map_locked(&mut m, offset, len)
+    }
+
+    fn map_locked(&self, m: &mut Meta, offset: u64, len: u64) -> Result<(Mapping, u64)> {
+        let cs = self.cs();
+        let mut pos = offset;
+        let end = offset + len;
+        let mut first: Option<Mapping> = None;
+        while pos < end {
+            let in_cl = pos % cs;
+            let n = (cs - in_cl).min(end - pos);
+            let cl = pos >> self.cluster_bits;
+            let l1i = cl / self.l2_entries();
+            let (kind, span) = if self.l1_decode(m, l1i)?.is_none() {
+                // The whole L2 range is unallocated.
+                let l2_end = (l1i + 1) * self.l2_entries() * cs;
+                (Mapping::Unallocated, l2_end.min(end) - pos)
+            } else {
+                let k = match self.entry(m, pos)? {
+                    Entry::Unalloc => Mapping::Unallocated,
+                    Entry::Zero(..) => Mapping::Zero,
+                    Entry::Data(h, _) => Mapping::Data {
+                        host_offset: h + in_cl,
+                    },
+                    Entry::Compressed => {
+                        return Err(unsupported(format!(
+                            "compressed cluster at guest offset {pos}"
+                        )))
+                    }
+                };
+                (k, n)
+            };
+            match first {
+                None => first = Some(kind),
+                Some(f) => {
+                    let same = match (f, kind) {
+                        (Mapping::Data { host_offset: a }, Mapping::Data { host_offset: b }) => {
+                            b == a + (pos - offset)
+                        }
+                        (a, b) => a == b,
+                    };
+                    if !same {
+                        break;
+                    }
+                }
+            }
+            pos += span;
+        }
+        Ok((first.unwrap_or(Mapping::Unallocated), pos.min(end) - offset))
+    }
+
+    /// Read `buf.len()` bytes at `offset`; unallocated ranges come from `backing` (or zeros).
+    pub fn read(
+        &self,
+        offset: u64,
+        buf: &mut [u8],
+        backing: Option<&dyn BackingRead>,
+    ) -> Result<()> {
+        let len = buf.len() as u64;
+        let mut done = 0u64;
+        while done < len {
+            let (kind, run) = self.map(offset + done, len - done)?;
+            let run = run.max(1).min(len - done);
+            let b = &mut buf[done as usize..(done + run) as usize];
+            match kind {
+                Mapping::Data { host_offset } => self
+                    .storage
+                    .read_at(b, host_offset)
+                    .map_err(io_err("data read", host_offset))?,
+                Mapping::Zero => b.fill(0),
+                Mapping::Unallocated => read_backing(backing, offset + done, b)?,
+            }
+            done += run;
+        }
+        Ok(())
+    }
+
+    // ---------------------------------------------------------------- write
+
+    /// Write `buf` at `offset`. Newly allocated clusters get the bytes the
+    /// write does not cover from the old cluster, the backing, or zeros.
+    pub fn write(&self, offset: u64, buf: &[u8], backing: Option<&dyn BackingRead>) -> Result<()> {
+        self.check_writable()?;
+        {
+            let m = self.meta.lock();
+            self.check_range(&m, offset, buf.len() as u64)?;
+        }
+        let cs = self.cs();
+        let mut done = 0usize;
+        while done < buf.len() {
+            let pos = offset + done as u64;
+            let in_cl = pos % cs;
+            let n = ((cs - in_cl) as usize).min(buf.len() - done);
+            let chunk = &buf[done..done + n];
+            let mut m = self.meta.lock();
+            if let Entry::Data(h, true) = self.entry(&mut m, pos)? {
+                // In place: no metadata change; data I/O outside the lock.
+                drop(m);
+                self.storage
+                    .write_at(chunk, h + in_cl)
+                    .map_err(io_err("data write", h + in_cl))?;
+            } else {
+                self.write_slow(&mut m, pos, chunk, backing)?;
+            }
+            done += n;
+        }
+        Ok(())
+    }
+
+    /// Ensure the L2 table for guest cluster `cl` exists; returns its offset.
+    fn ensure_l2(&self, m: &mut Meta, cl: u64) -> Result<u64> {
+        let l1i = cl / self.l2_entries();
+        if let Some(off) = self.l1_decode(m, l1i)? {
+            if m.l1[l1i as usize] & COPIED == 0 {
+                return Err(unsupported(format!(
+                    "L2 table {off:#x} is shared (snapshot): refusing to write into it"
+                )));
+            }
+            return Ok(off);
+        }
+        let c = self.alloc_cluster(m)?;
+        let off = c << self.cluster_bits;
+        self.l2_make_room(m, off)?;
+        m.l2.insert(off, vec![0u8; self.cs() as usize], true);
+        m.l1[l1i as usize] = off | COPIED;
+        m.l1_dirty = true;
+        m.l1_used.insert(l1i as u32);
+        Ok(off)
+    }
+
+    fn write_slow(
+        &self,
+        m: &mut Meta,
+        pos: u64,
+        chunk: &[u8],
+        backing: Option<&dyn BackingRead>,
+    ) -> Result<()> {
+        let cs = self.cs();
+        let in_cl = pos % cs;
+        let base = pos - in_cl;
+        let cl = pos >> self.cluster_bits;
+        let old = self.entry(m, pos)?;
+        if let Entry::Data(h, true) = old {
+            return self
+                .storage
+                .write_at(chunk, h + in_cl)
+                .map_err(io_err("data write", h + in_cl));
+        }
+        let l2_off = self.ensure_l2(m, cl)?;
+        let full = chunk.len() as u64 == cs;
+        let (target, fresh, decref) = match old {
+            Entry::Zero(Some(h), true) => (h, false, None),
+            Entry::Compressed => {
+                return Err(unsupported(format!(
+                    "compressed cluster at guest offset {base}: writing into it"
+                )))
+            }
+            _ => {
+                let c = self.alloc_cluster(m)?;
+                let h = c << self.cluster_bits;
+                let dec = match old {
+                    Entry::Data(o, false) | Entry::Zero(Some(o), false) => Some(o),
+                    _ => None,
+                };
+                (h, h >= m.file_len, dec)
+            }
+        };
+        if full {
+            self.swrite(m, chunk, target, "data write")?;
+        } else {
+            let mut cbuf = vec![0u8; cs as usize];
+            let need_fill = match old {
+                Entry::Data(o, _) => {
+                    self.storage
+                        .read_at(&mut cbuf, o)
+                        .map_err(io_err("copy-on-write read", o))?;
+                    true
+                }
+                Entry::Unalloc if backing.is_some() => {
+                    read_backing(backing, base, &mut cbuf)?;
+                    true
+                }
+                _ => !fresh,
+            };
+            cbuf[in_cl as usize..in_cl as usize + chunk.len()].copy_from_slice(chunk);
+            if need_fill {
+                self.swrite(m, &cbuf, target, "data write")?;
+            } else {
+                // Fresh cluster past the end of the file: it reads as zeros already.
+                self.swrite(m, chunk, target + in_cl, "data write")?;
+            }
+        }
+        self.l2_set(m, l2_off, cl % self.l2_entries(), target | COPIED)?;
+        if let Some(o) = decref {
+            m.pending_decref.push(o >> self.cluster_bits);
+        }
+        Ok(())
+    }
+
+    // ---------------------------------------------------------------- zero / discard
+
+    /// Make `len` bytes at `offset` read as zeros. Whole clusters get the zero
+    /// flag (their host cluster released when `may_unmap`); partial clusters
+    /// are written with zeros (copy-on-write from `backing` where needed).
+    pub fn write_zeroes(
+        &self,
+        offset: u64,
+        len: u64,
+        may_unmap: bool,
+        backing: Option<&dyn BackingRead>,
+    ) -> Result<()> {
+        self.zero_or_discard(offset, len, Some(may_unmap), backing)
+    }
+
+    /// Release whole clusters in the range: they read as zeros afterwards
+    /// (as in QEMU). Partial clusters are left as they are (a discard is a hint).
+    pub fn discard(&self, offset: u64, len: u64) -> Result<()> {
+        self.zero_or_discard(offset, len, None, None)
+    }
+
+    fn zero_or_discard(
+        &self,
+        offset: u64,
+        len: u64,
+        zero: Option<bool>,
+        backing: Option<&dyn BackingRead>,
+    ) -> Result<()> {
+        self.check_writable()?;
+        let cs = self.cs();
+        let mut m = self.meta.lock();
+        self.check_range(&m, offset, len)?;
+        let has_backing = m.h.backing_file.is_some() || backing.is_some();
+        let end = offset + len;
+        let mut pos = offset;
+        while pos < end {
+            let in_cl = pos % cs;
+            let n = (cs - in_cl).min(end - pos);
+            // The last cluster of the disk counts as whole when the range
+            // reaches the virtual end.
+            let whole = in_cl == 0 && (n == cs || pos + n == m.h.size);
+            let old = self.entry(&mut m, pos)?;
+            if old == Entry::Compressed {
+                return Err(unsupported(format!(
+                    "compressed cluster at guest offset {pos}"
+                )));
+            }
+            if !whole {
+                if zero.is_some() {
+                    let reads_zero = match old {
+                        Entry::Zero(..) => true,
+                        Entry::Unalloc => !has_backing,
+                        _ => false,
+                    };
+                    if !reads_zero {
+                        let zeros = vec![0u8; n as usize];
+                        self.write_slow(&mut m, pos, &zeros, backing)?;
+                    }
+                }
+                pos += n;
+                continue;
+            }
+            let cl = pos >> self.cluster_bits;
+            let new = match (zero, old) {
+                (Some(false), Entry::Data(h, true) | Entry::Zero(Some(h), true)) => {
+                    h | COPIED | ZERO
+                }
+                _ if has_backing => ZERO,
+                _ => 0,
+            };
+            let old_host = match old {
+                Entry::Data(h, _) | Entry::Zero(Some(h), _) => Some(h),
+                _ => None,
+            };
+            let unchanged = match old {
+                Entry::Unalloc => new == 0,
+                Entry::Zero(None, _) => new == ZERO,
+                _ => false,
+            };
+            if !unchanged {
+                let l2_off = self.ensure_l2(&mut m, cl)?;
+                self.l2_set(&mut m, l2_off, cl % self.l2_entries(), new)?;
+                if let Some(h) = old_host {
+                    if new & OFFSET_MASK != h {
+                        m.pending_decref.push(h >> self.cluster_bits);
+                    }
+                }
+            }
+            pos += n;
+        }
+        Ok(())
+    }
+
+    // ---------------------------------------------------------------- make_empty / grow
+
+    /// Drop every allocation: the image then reads from its backing (or as
+    /// zeros) everywhere. Costs O(allocated L2 tables and clusters), and
+    /// truncates the file (or punches holes) so it stays small.
+    pub fn make_empty(&self) -> Result<()> {
+        self.check_writable()?;
+        let mut m = self.meta.lock();
+        self.flush_locked(&mut m, true)?;
+        self.ensure_dirty(&mut m)?;
+        let used: Vec<u32> = m.l1_used.iter().collect();
+        let mut drop_clusters: Vec<u64> = Vec::new();
+        for &i in &used {
+            let Some(l2_off) = self.l1_decode(&m, i as u64)? else {
+                continue;
+            };
+            self.l2_load(&mut m, l2_off)?;
+            let data =
+                m.l2.remove(l2_off)
+                    .map(|e| e.data)
+                    .ok_or_else(|| corrupt("L2 cache miss"))?;
+            for j in 0..self.l2_entries() as usize {
+                let e = be64(&data, j * 8);
+                let off = e & OFFSET_MASK;
+                if e & COMPRESSED == 0 && off != 0 {
+                    drop_clusters.push(off >> self.cluster_bits);
+                }
+            }
+            drop_clusters.push(l2_off >> self.cluster_bits);
+        }
+        // 1. No references left once the L1 entries are cleared (durably).
+        for &i in &used {
+            m.l1[i as usize] = 0;
+            let off = m.h.l1_table_offset + i as u64 * 8;
+            self.swrite(&mut m, &[0u8; 8], off, "L1 entry write")?;
+        }
+        m.l1_used.clear();
+        m.l1_dirty = false;
+        self.sflush()?;
+        // 2. Then their refcounts.
+        let mut freed = Vec::new();
+        for c in drop_clusters {
+            let rc = self.rc_get(&mut m, c)?;
+            if rc > 0 {
+                self.rc_set(&mut m, c, rc - 1)?;
+                if rc == 1 {
+                    freed.push(c);
+                }
+            }
+        }
+        self.write_refcounts(&mut m)?;
+        // 3. Shrink the file to the metadata left, punch holes below it.
+        let cs = self.cs();
+        let mut keep_end = 1u64;
+        let l1c = (m.l1.len() as u64 * 8).div_ceil(cs).max(1);
+        keep_end = keep_end.max((m.h.l1_table_offset >> self.cluster_bits) + l1c);
+        keep_end = keep_end.max(
+            (m.h.refcount_table_offset >> self.cluster_bits) + m.h.refcount_table_clusters as u64,
+        );
+        for rti in 0..m.rt.len() as u64 {
+            if let Some(b) = self.rt_block(&m, rti)? {
+                keep_end = keep_end.max((b >> self.cluster_bits) + 1);
+            }
+        }
+        let mut in_use_below: RoaringTreemap = RoaringTreemap::new();
+        for c in freed {
+            if c < keep_end {
+                in_use_below.insert(c);
+            }
+        }
+        let cur_end = m.end_cluster;
+        m.free.remove_range(keep_end..);
+        for c in in_use_below.iter() {
+            m.free.insert(c);
+            let _ = self.storage.discard(c << self.cluster_bits, cs);
+        }
+        if cur_end > keep_end {
+            self.storage
+                .set_len(keep_end << self.cluster_bits)
+                .map_err(io_err("truncate", keep_end << self.cluster_bits))?;
+            m.file_len = keep_end << self.cluster_bits;
+            m.end_cluster = keep_end;
+        }
+        self.sflush()?;
+        Ok(())
+    }
+
+    /// Grow the virtual size to `new_size` (shrinking is refused).
+    pub fn grow(&self, new_size: u64) -> Result<()> {
+        self.check_writable()?;
+        let mut m = self.meta.lock();
+        if new_size < m.h.size {
+            return Err(Error::new(
+                ErrorKind::InvalidArgument,
+                format!("shrinking from {} to {new_size} is not supported", m.h.size),
+            ));
+        }
+        if new_size > header::MAX_VIRTUAL_SIZE {
+            return Err(Error::new(
+                ErrorKind::InvalidArgument,
+                format!("virtual size {new_size} too large"),
+            ));
+        }
+        let cs = self.cs();
+        let need = header::l1_entries_for(new_size, self.cluster_bits);
+        if need * 8 > header::MAX_L1_BYTES {
+            return Err(Error::new(
+                ErrorKind::InvalidArgument,
+                format!("virtual size {new_size} needs too large an L1 table"),
+            ));
+        }
+        self.flush_locked(&mut m, true)?;
+        self.ensure_dirty(&mut m)?;
+        let old_len = m.l1.len() as u64;
+        let old_clusters = (old_len * 8).div_ceil(cs).max(1);
+        if need > old_len {
+            if need * 8 > old_clusters * cs {
+                let n = (need * 8).div_ceil(cs);
+                let start = self.alloc_contiguous(&mut m, n)?;
+                let old_off = m.h.l1_table_offset;
+                m.l1.resize(need as usize, 0);
+                m.h.l1_table_offset = start << self.cluster_bits;
+                self.write_l1(&mut m)?;
+                self.write_refcounts(&mut m)?;
+                self.sflush()?;
+                for c in 0..old_clusters {
+                    m.pending_decref.push((old_off >> self.cluster_bits) + c);
+                }
+            } else {
+                m.l1.resize(need as usize, 0);
+                self.write_l1(&mut m)?;
+                self.sflush()?;
+            }
+            m.h.l1_size = need as u32;
+        }
+        m.h.size = new_size;
+        self.write_header(&mut m)?;
+        self.sflush()?;
+        self.flush_locked(&mut m, true)
+    }
+
+    fn preallocate(&self) -> Result<()> {
+        let mut m = self.meta.lock();
+        let cs = self.cs();
+        let clusters = m.h.size.div_ceil(cs);
+        for cl in 0..clusters {
+            let l2_off = self.ensure_l2(&mut m, cl)?;
+            let c = self.alloc_cluster(&mut m)?;
+            let h = c << self.cluster_bits;
+            self.l2_set(&mut m, l2_off, cl % self.l2_entries(), h | COPIED | ZERO)?;
+        }
+        let end = m.end_cluster << self.cluster_bits;
+        if m.file_len < end {
+            self.storage.set_len(end).map_err(io_err("extend", end))?;
+            m.file_len = end;
+        }
+        self.flush_locked(&mut m, true)
+    }
+
+    // ---------------------------------------------------------------- check / repair
+
+    /// Count the references of every cluster; `fix` clears invalid entries and
+    /// sets COPIED flags from the counted references.
+    fn collect_refs(
+        &self,
+        m: &mut Meta,
+        report: &mut CheckReport,
+        with_refcount_structs: bool,
+        fix: bool,
+    ) -> Result<HashMap<u64, u32>> {
+        let cs = self.cs();
+        let mut refs: HashMap<u64, u32> = HashMap::new();
+        let add = |refs: &mut HashMap<u64, u32>, c: u64| *refs.entry(c).or_insert(0) += 1;
+        add(&mut refs, 0);
+        let l1c = (m.l1.len() as u64 * 8).div_ceil(cs);
+        for c in 0..l1c {
+            add(&mut refs, (m.h.l1_table_offset >> self.cluster_bits) + c);
+        }
+        if with_refcount_structs {
+            for c in 0..m.h.refcount_table_clusters as u64 {
+                add(
+                    &mut refs,
+                    (m.h.refcount_table_offset >> self.cluster_bits) + c,
+                );
+            }
+            for rti in 0..m.rt.len() as u64 {
+                match self.rt_block(m, rti) {
+                    Ok(Some(b)) => add(&mut refs, b >> self.cluster_bits),
+                    Ok(None) => {}
+                    Err(e) => {
+                        report.corruptions += 1;
+                        report.note(e.to_string());
+                    }
+                }
+            }
+        }
+        for l1i in 0..m.l1.len() as u64 {
+            let l2_off = match self.l1_decode(m, l1i) {
+                Ok(Some(o)) => o,
+                Ok(None) => continue,
+                Err(e) => {
+                    report.corruptions += 1;
+                    report.note(e.to_string());
+                    if fix {
+                        m.l1[l1i as usize] = 0;
+                        m.l1_dirty = true;
+                        m.l1_used.remove(l1i as u32);
+                    }
+                    continue;
+                }
+            };
+            add(&mut refs, l2_off >> self.cluster_bits);
+            self.l2_load(m, l2_off)?;
+            for j in 0..self.l2_entries() {
+                let raw = self.l2_get(m, l2_off, j)?;
+                let vofs = (l1i * self.l2_entries() + j) * cs;
+                match self.decode_l2(m, raw, vofs) {
+                    Ok(Entry::Data(h, _)) | Ok(Entry::Zero(Some(h), _)) => {
+                        add(&mut refs, h >> self.cluster_bits)
+                    }
+                    Ok(Entry::Compressed) => {
+                        report.corruptions += 1;
+                        report.note(format!(
+                            "compressed cluster at guest offset {vofs} (compression is unsupported)"
+                        ));
+                    }
+                    Ok(_) => {}
+                    Err(e) => {
+                        report.corruptions += 1;
+                        report.note(e.to_string());
+                        if fix {
+                            self.l2_set(m, l2_off, j, 0)?;
+                        }
+                    }
+                }
+            }
+        }
+        Ok(refs)
+    }
+
+    /// Check the image: refcounts against references, COPIED flags, entries.
+    pub fn check(&self) -> Result<CheckReport> {
+        let mut m = self.meta.lock();
+        if !self.read_only {
+            self.flush_locked(&mut m, true)?;
+        }
+        self.check_locked(&mut m)
+    }
+
+    fn check_locked(&self, m: &mut Meta) -> Result<CheckReport> {
+        if m.h.nb_snapshots > 0 {
+            return Err(unsupported("check of images with internal snapshots"));
+        }
+        let mut report = CheckReport::default();
+        let refs = self.collect_refs(m, &mut report, true, false)?;
+        let max_ref = refs.keys().copied().max().unwrap_or(0);
+        let n = m.end_cluster.max(max_ref + 1);
+        let mut last_used = 0u64;
+        for c in 0..n {
+            let stored = match self.rc_get(m, c) {
+                Ok(v) => v,
+                Err(e) => {
+                    report.corruptions += 1;
+                    report.note(e.to_string());
+                    0
+                }
+            };
+            let r = refs.get(&c).copied().unwrap_or(0) as u64;
+            if stored > 0 {
+                report.allocated_clusters += 1;
+                last_used = c + 1;
+            }
+            if r > 1 {
+                report.overlaps += 1;
+                report.corruptions += 1;
+                report.note(format!("cluster {c} referenced {r} times"));
+            }
+            if stored > r {
+                report.leaks += 1;
+                report.note(format!(
+                    "Leaked cluster {c} refcount={stored} reference={r}"
+                ));
+            } else if stored < r {
+                report.corruptions += 1;
+                report.note(format!("ERROR cluster {c} refcount={stored} reference={r}"));
+            }
+        }
+        report.image_end_offset = last_used << self.cluster_bits;
+        // COPIED flags.
+        for l1i in 0..m.l1.len() as u64 {
+            let Ok(Some(l2_off)) = self.l1_decode(m, l1i) else {
+                continue;
+            };
+            let rc = self.rc_get(m, l2_off >> self.cluster_bits).unwrap_or(0);
+            if (m.l1[l1i as usize] & COPIED != 0) != (rc == 1) {
+                report.copied_flag_errors += 1;
+                report.corruptions += 1;
+                report.note(format!(
+                    "OFLAG_COPIED L2 cluster: l1_index={l1i} refcount={rc}"
+                ));
+            }
+            for j in 0..self.l2_entries() {
+                let raw = self.l2_get(m, l2_off, j)?;
+                if raw & COMPRESSED != 0 || raw & ZERO != 0 && raw & OFFSET_MASK == 0 {
+                    continue;
+                }
+                let h = raw & OFFSET_MASK;
+                if h == 0 || raw & L2_RESERVED != 0 {
+                    continue;
+                }
+                let rc = self.rc_get(m, h >> self.cluster_bits).unwrap_or(0);
+                if (raw & COPIED != 0) != (rc == 1) {
+                    report.copied_flag_errors += 1;
+                    report.corruptions += 1;
+                    report.note(format!(
+                        "OFLAG_COPIED data cluster: l2_entry={raw:x} refcount={rc}"
+                    ));
+                }
+            }
+        }
+        Ok(report)
+    }
+
+    /// Repair the image: clear invalid entries, fix COPIED flags, rebuild
+    /// refcounts from the references. Returns what was found before repair.
+    pub fn repair(&self) -> Result<CheckReport> {
+        self.check_writable()?;
+        let mut m = self.meta.lock();
+        self.flush_locked(&mut m, true)?;
+        let before = self.check_locked(&mut m)?;
+        self.repair_locked(&mut m)?;
+        self.flush_locked(&mut m, true)?;
+        self.clear_dirty(&mut m)?;
+        Ok(before)
+    }
+
+    fn repair_locked(&self, m: &mut Meta) -> Result<()> {
+        let mut report = CheckReport::default();
+        self.rebuild_refcounts(m, &mut report)
+    }
+
+    /// Rebuild the refcount table and blocks from scratch after the last referenced cluster.
+    fn rebuild_refcounts(&self, m: &mut Meta, report: &mut CheckReport) -> Result<()> {
+        self.ensure_dirty(m)?;
+        let cs = self.cs();
+        m.rb.clear();
+        m.pending_decref.clear();
+        let refs = self.collect_refs(m, report, false, true)?;
+        // Fix COPIED flags from the counted references.
+        for l1i in 0..m.l1.len() {
+            let e = m.l1[l1i];
+            let off = e & OFFSET_MASK;
+            if off == 0 {
+                continue;
+            }
+            let r = refs.get(&(off >> self.cluster_bits)).copied().unwrap_or(0);
+            let want = if r == 1 { off | COPIED } else { off };
+            if want != e {
+                m.l1[l1i] = want;
+                m.l1_dirty = true;
+            }
+            for j in 0..self.l2_entries() {
+                let raw = self.l2_get(m, off, j)?;
+                let h = raw & OFFSET_MASK;
+                if raw & COMPRESSED != 0 || h == 0 {
+                    continue;
+                }
+                let r = refs.get(&(h >> self.cluster_bits)).copied().unwrap_or(0);
+                let want = if r == 1 { raw | COPIED } else { raw & !COPIED };
+                if want != raw {
+                    self.l2_set(m, off, j, want)?;
+                }
+            }
+        }
+        // L2 tables and L1 first (the dirty bit is set: order is free here).
+        for off in m.l2.dirty_offsets() {
+            let data = match m.l2.get(off) {
+                Some(e) => {
+                    e.dirty = false;
+                    e.data.clone()
+                }
+                None => continue,
+            };
+            self.swrite(m, &data, off, "L2 table write")?;
+        }
+        if m.l1_dirty {
+            self.write_l1(m)?;
+        }
+        let p = refs.keys().copied().max().unwrap_or(0) + 1;
+        let per = self.rb_entries();
+        let (mut t, mut b) = (1u64, 1u64);
+        loop {
+            let total = p + t + b;
+            let nb = total.div_ceil(per);
+            let nt = (nb * 8).div_ceil(cs);
+            if nb <= b && nt <= t {
+                break;
+            }
+            b = b.max(nb);
+            t = t.max(nt);
+        }
+        if t * cs > header::MAX_REFTABLE_BYTES.max(cs) {
+            return Err(Error::new(
+                ErrorKind::InvalidArgument,
+                "refcount table would exceed 8 MiB: image file too large",
+            ));
+        }
+        let total = p + t + b;
+        let mut rt = vec![0u64; (t * cs / 8) as usize];
+        for i in 0..b {
+            let boff = (p + t + i) << self.cluster_bits;
+            rt[i as usize] = boff;
+            let mut blk = vec![0u8; cs as usize];
+            for k in 0..per {
+                let c = i * per + k;
+                if c >= total {
+                    break;
+                }
+                let v = if c >= p {
+                    1
+                } else {
+                    refs.get(&c).copied().unwrap_or(0).min(u16::MAX as u32)
+                };
+                if v != 0 {
+                    blk[k as usize * 2..k as usize * 2 + 2]
+                        .copy_from_slice(&(v as u16).to_be_bytes());
+                }
+            }
+            self.swrite(m, &blk, boff, "refcount block write")?;
+        }
+        let mut tb = Vec::with_capacity(rt.len() * 8);
+        for e in &rt {
+            tb.extend_from_slice(&e.to_be_bytes());
+        }
+        self.swrite(m, &tb, p << self.cluster_bits, "refcount table write")?;
+        self.sflush()?;
+        m.h.refcount_table_offset = p << self.cluster_bits;
+        m.h.refcount_table_clusters = t as u32;
+        self.write_header(m)?;
+        self.sflush()?;
+        let total_bytes = total << self.cluster_bits;
+        if m.file_len > total_bytes {
+            self.storage
+                .set_len(total_bytes)
+                .map_err(io_err("truncate", total_bytes))?;
+            m.file_len = total_bytes;
+            self.sflush()?;
+        }
+        m.rt = rt;
+        m.rt_dirty = false;
+        m.end_cluster = total;
+        m.free = RoaringTreemap::new();
+        for c in 1..p {
+            if !refs.contains_key(&c) {
+                m.free.insert(c);
+            }
+        }
+        Ok(())
+    }
+}
+
+fn read_backing(backing: Option<&dyn BackingRead>, offset: u64, buf: &mut [u8]) -> Result<()> {
+    let Some(b) = backing else {
+        buf.fill(0);
+        return Ok(());
+    };
+    let blen = b.backing_len();
+    let avail = blen.saturating_sub(offset).min(buf.len() as u64) as usize;
+    if avail > 0 {
+        b.read_backing(offset, &mut buf[..avail])?;
+    }
+    buf[avail..].fill(0);
+    Ok(())
+}

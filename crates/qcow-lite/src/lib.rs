@@ -1,0 +1,59 @@
+//! # qcow-lite: a strict subset of qcow2 version 3
+//!
+//! Images that QEMU's `qemu-img` and `qemu-io` open, check and compare, and
+//! QEMU's images that we open: version 3 only, 16-bit refcounts,
+//! cluster sizes 512 B to 2 MiB, backing file name and format in the header.
+//!
+//! ## What is refused
+//! Opening fails with [`ErrorKind::Unsupported`] and a message naming the
+//! feature for: version 2 images, encryption, external data files, extended
+//! L2 entries, zstd compression type, unknown incompatible feature bits.
+//! Images with internal snapshots open read-only only (writing them is
+//! refused), so shared clusters (refcount > 1) are never written into.
+//! Compressed clusters are not supported: reading or writing one fails
+//! with an `Unsupported` error naming the guest offset; the rest of such an
+//! image reads normally. Unknown header extensions are kept; autoclear bits
+//! are cleared on a read-write open, as the spec asks.
+//!
+//! ## Crash consistency
+//! We use the **dirty bit with a refcount rebuild on open**, plus **ordered
+//! metadata writes** so that a crash never leaves a reference to data that
+//! did not reach the disk:
+//!
+//! * Before the first metadata write of a read-write session the dirty bit
+//!   (incompatible bit 0) is written and flushed. [`Qcow2::close`] writes
+//!   exact refcounts and clears it. Opening a dirty image read-write rebuilds
+//!   the refcounts from the L1/L2 tables (a repair); it is never refused.
+//! * Metadata lives in write-back caches and reaches the disk in
+//!   [`Qcow2::flush`] in this order, with a real storage flush between the
+//!   steps: guest data → refcount blocks (increments) and table → header →
+//!   L2 tables → L1 table → refcount decrements. So an L2 entry is never
+//!   durable before the data it points to, and a refcount never drops
+//!   before the entry dropping the cluster is durable.
+//! * Without lazy refcounts, refcounts on disk are exact after every flush
+//!   (a crash leaves leaks at worst, which the rebuild removes). With lazy
+//!   refcounts (compatible bit 0), refcount blocks reach the disk only on
+//!   close or eviction; the rebuild on open makes them exact again.
+//! * A cluster freed by a discard, zero write or copy-on-write is reused only
+//!   after the metadata that freed it is durable.
+//!
+//! ## Layout of the crate
+//! [`Storage`] is where bytes live (a file, memory, a block-graph child, or
+//! the crash-simulating [`CrashStorage`]); [`Qcow2`] is the format engine;
+//! [`Mapping`] answers where a guest range lives, so a generic layer can
+//! move bytes and walk backing chains.
+
+mod cache;
+mod chain;
+mod error;
+mod header;
+mod image;
+pub mod storage;
+
+pub use chain::{open_chain, resolve_backing, ImageChain, MAX_CHAIN_DEPTH};
+pub use error::{Error, ErrorKind, Result};
+pub use image::{
+    BackingRead, Chain, CheckReport, CreateOptions, Mapping, OpenOptions, Preallocation, Qcow2,
+    RawBacking,
+};
+pub use storage::{CrashStorage, MemStorage, Rng, Storage};
