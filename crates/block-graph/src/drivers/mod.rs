@@ -1,0 +1,15 @@
+//! The built-in drivers.
+
+pub mod file;
+pub mod memory;
+pub mod null;
+pub mod raw;
+
+use crate::graph::Graph;
+
+pub(crate) fn register_builtin(g: &Graph) {
+    g.register_driver("file", file::FileDriver::open);
+    g.register_driver("raw", raw::RawDriver::open);
+    g.register_driver("null-co", null::NullDriver::open);
+    g.register_driver("memory", memory::MemoryDriver::open);
+}
