@@ -4,6 +4,7 @@
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
+use parking_lot::Mutex;
 use serde::de::DeserializeOwned;
 use serde_json::{json, Map, Value};
 
@@ -177,6 +178,7 @@ pub struct Registry {
     version: VersionInfo,
     events: EventEmitter,
     quit_hook: Option<Arc<dyn Fn() + Send + Sync>>,
+    lock: Arc<Mutex<()>>,
 }
 
 impl std::fmt::Debug for Registry {
@@ -211,6 +213,7 @@ impl Registry {
             version,
             events: EventEmitter::new(),
             quit_hook: None,
+            lock: Arc::new(Mutex::new(())),
         };
         let builtins = [
             (
@@ -231,6 +234,13 @@ impl Registry {
     /// The version reported in the greeting and by `query-version`.
     pub fn version(&self) -> &VersionInfo {
         &self.version
+    }
+
+    /// The dispatcher lock: every handler runs with it held, one at a
+    /// time, as QEMU runs commands in its main loop. Other threads that
+    /// change what handlers look at (the block graph) can take it too.
+    pub fn dispatch_lock(&self) -> &Arc<Mutex<()>> {
+        &self.lock
     }
 
     /// The event emitter clients of a server on this registry listen to.

@@ -157,7 +157,6 @@ struct ClientCtl {
 
 struct Shared {
     registry: Arc<Registry>,
-    lock: Arc<Mutex<()>>,
     stop: AtomicBool,
     reason: Mutex<Option<ShutdownReason>>,
     stopped: Condvar,
@@ -401,7 +400,6 @@ impl Server {
         };
         let shared = Arc::new(Shared {
             registry: Arc::new(registry),
-            lock: Arc::new(Mutex::new(())),
             stop: AtomicBool::new(false),
             reason: Mutex::new(None),
             stopped: Condvar::new(),
@@ -587,7 +585,7 @@ fn serve_client(shared: &Arc<Shared>, id: u64, mut stream: Stream) {
             },
         );
     }
-    let mut session = Session::new(Arc::clone(&shared.registry), Arc::clone(&shared.lock));
+    let mut session = Session::new(Arc::clone(&shared.registry));
     let events = shared.registry.events();
     let mut sub = None;
     let _ = tx.send(Out::Msg(to_wire(&session.greeting())));

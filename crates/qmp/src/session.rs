@@ -2,7 +2,6 @@
 
 use std::sync::Arc;
 
-use parking_lot::Mutex;
 use serde_json::{json, Map, Value};
 
 use crate::error::{ErrorClass, QmpError};
@@ -20,7 +19,6 @@ pub const NEGOTIATION_DONE: &str = "Capabilities negotiation is already complete
 /// drive it directly with [`Session::feed`].
 pub struct Session {
     registry: Arc<Registry>,
-    lock: Arc<Mutex<()>>,
     splitter: Splitter,
     negotiated: bool,
     quit: bool,
@@ -55,13 +53,11 @@ fn return_response(ret: Value, id: Option<&Value>) -> Value {
 }
 
 impl Session {
-    /// A fresh session in capabilities-negotiation mode. `lock` is the
-    /// dispatcher lock shared by every session of a server: handlers run
-    /// one at a time, as in QEMU's main loop.
-    pub fn new(registry: Arc<Registry>, lock: Arc<Mutex<()>>) -> Self {
+    /// A fresh session in capabilities-negotiation mode. Handlers run with
+    /// the registry's dispatcher lock held ([`Registry::dispatch_lock`]).
+    pub fn new(registry: Arc<Registry>) -> Self {
         Session {
             registry,
-            lock,
             splitter: Splitter::new(),
             negotiated: false,
             quit: false,
@@ -188,7 +184,7 @@ impl Session {
             Action::QueryVersion => Ok(self.registry.version().to_json()),
             Action::Quit => {
                 if let Some(h) = self.registry.quit_hook() {
-                    let _g = self.lock.lock();
+                    let _g = self.registry.dispatch_lock().lock();
                     h();
                 }
                 self.quit = true;
@@ -196,7 +192,7 @@ impl Session {
             }
             Action::User(h) => {
                 let args = Args::new(arguments.clone());
-                let _g = self.lock.lock();
+                let _g = self.registry.dispatch_lock().lock();
                 h(&args)
             }
         }
@@ -223,7 +219,7 @@ mod tests {
     }
 
     fn session() -> Session {
-        Session::new(Arc::new(registry()), Arc::new(Mutex::new(())))
+        Session::new(Arc::new(registry()))
     }
 
     fn run(s: &mut Session, input: &str) -> Vec<Value> {
@@ -485,7 +481,7 @@ mod tests {
         r.on_quit(move || {
             h2.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
         });
-        let mut s = Session::new(Arc::new(r), Arc::new(Mutex::new(())));
+        let mut s = Session::new(Arc::new(r));
         run(&mut s, "{'execute': 'qmp_capabilities'}");
         assert_eq!(
             run(&mut s, "{'execute': 'quit'}"),
@@ -508,7 +504,7 @@ mod tests {
             Ok(json!({"n": a.node_name, "ro": a.read_only.unwrap_or(false)}))
         })
         .unwrap();
-        let mut s = Session::new(Arc::new(r), Arc::new(Mutex::new(())));
+        let mut s = Session::new(Arc::new(r));
         run(&mut s, "{'execute': 'qmp_capabilities'}");
         assert_eq!(
             run(&mut s, "{'execute': 't', 'arguments': {'node-name': 'n0'}}"),
