@@ -105,11 +105,31 @@ impl JobError {
         let mut s = self.to_string();
         let mut cur = self.source();
         while let Some(e) = cur {
-            s.push_str(": ");
-            s.push_str(&e.to_string());
+            let t = e.to_string();
+            if !s.ends_with(&t) {
+                s.push_str(": ");
+                s.push_str(&t);
+            }
             cur = e.source();
         }
         s
+    }
+}
+
+impl From<block_graph::Error> for JobError {
+    fn from(e: block_graph::Error) -> Self {
+        use block_graph::ErrorKind as G;
+        let kind = match e.kind() {
+            G::Cancelled => ErrorKind::Cancelled,
+            G::InvalidArgument | G::OutOfRange => ErrorKind::InvalidArgument,
+            G::NotSupported => ErrorKind::Unsupported,
+            G::NotFound => ErrorKind::NotFound,
+            G::Busy | G::PermissionDenied => ErrorKind::Graph,
+            G::Io | G::NoSpace | G::Corrupt => ErrorKind::Io,
+        };
+        JobError::new(kind, e.to_string())
+            .with_errno(Some(e.errno()))
+            .with_source(e)
     }
 }
 

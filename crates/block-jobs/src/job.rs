@@ -813,6 +813,11 @@ impl JobContext {
         self.job.inner.len.fetch_add(n, Ordering::Relaxed);
     }
 
+    /// Set the bytes done.
+    pub fn set_progress(&self, offset: u64) {
+        self.job.inner.offset.store(offset, Ordering::Relaxed);
+    }
+
     /// Record `n` bytes done.
     pub fn add_progress(&self, n: u64) {
         self.job.inner.offset.fetch_add(n, Ordering::Relaxed);

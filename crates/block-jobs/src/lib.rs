@@ -7,13 +7,21 @@
 //! `block/copy-before-write.c`, `block/block-copy.c`, `block/mirror.c` and
 //! `block/commit.c`; the code is our own.
 
+pub mod backup;
+pub mod cbw;
+pub mod copy;
 pub mod error;
 pub mod job;
+pub mod mirror;
 pub mod ratelimit;
 
+pub use backup::{register_drivers, BackupJob, BackupOptions, BackupSync};
+pub use cbw::{CopyBeforeWrite, CBW_DRIVER};
+pub use copy::{CopyTracker, ReadGuard};
 pub use error::{ErrorKind, JobError, Result};
 pub use job::{
     ErrorAction, IoOperation, Job, JobContext, JobDriver, JobEvent, JobInfo, JobManager,
     JobOptions, JobOutcome, JobStatus, JobType, JobVerb, OnError,
 };
+pub use mirror::{DirtyMap, MirrorJob, MirrorOptions, MirrorSync, MirrorTop, MIRROR_TOP_DRIVER};
 pub use ratelimit::RateLimit;
