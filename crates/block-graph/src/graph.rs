@@ -805,7 +805,7 @@ impl Graph {
                     let user = format!("node '{}' (as '{}')", n.name(), e.role);
                     let nk = key(n);
                     let role = e.role.clone();
-                    check_user(&e.node, &user, need, |u| {
+                    check_user_ro(&e.node, ro_of(&e.node), &user, need, |u| {
                         u.parent == Some(nk) && u.role.as_ref() == Some(&role)
                     })
                     .map_err(|err| err.context("reopen"))?;
@@ -980,7 +980,18 @@ fn check_user(
     perms: PermPair,
     skip: impl Fn(&UserId) -> bool,
 ) -> Result<()> {
-    if node.is_read_only() && perms.perm.contains(Perms::WRITE) {
+    check_user_ro(node, node.is_read_only(), who, perms, skip)
+}
+
+/// [`check_user`] with the node's (future) read-only flag given.
+fn check_user_ro(
+    node: &Node,
+    node_ro: bool,
+    who: &str,
+    perms: PermPair,
+    skip: impl Fn(&UserId) -> bool,
+) -> Result<()> {
+    if node_ro && perms.perm.contains(Perms::WRITE) {
         return Err(Error::new(
             ErrorKind::PermissionDenied,
             format!("{who} needs write access but the node is read-only"),

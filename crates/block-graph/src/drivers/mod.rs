@@ -1,8 +1,10 @@
 //! The built-in drivers.
 
+pub mod blkdebug;
 pub mod file;
 pub mod memory;
 pub mod null;
+pub mod quorum;
 pub mod raw;
 
 use crate::graph::Graph;
@@ -12,4 +14,6 @@ pub(crate) fn register_builtin(g: &Graph) {
     g.register_driver("raw", raw::RawDriver::open);
     g.register_driver("null-co", null::NullDriver::open);
     g.register_driver("memory", memory::MemoryDriver::open);
+    g.register_driver("blkdebug", blkdebug::BlkDebug::open);
+    g.register_driver("quorum", quorum::Quorum::open);
 }

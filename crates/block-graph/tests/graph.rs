@@ -1,0 +1,769 @@
+//! Graph rules: names, removal, cycles, bounds, permissions, op blockers,
+//! reopen, replace, filters, alignment padding, serialising guards, drains, stats.
+
+use block_graph::drivers::blkdebug::{BlkDebug, IoMask};
+use block_graph::*;
+use parking_lot::Mutex;
+use serde_json::json;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+fn mem(g: &Graph, name: &str, size: u64) -> NodeRef {
+    g.add_node(&json!({"driver": "memory", "node-name": name, "size": size}))
+        .unwrap()
+}
+
+fn w(n: &Node, off: u64, data: &[u8]) {
+    n.write(off, data, WriteFlags::default()).unwrap()
+}
+
+fn r(n: &Node, off: u64, len: usize) -> Vec<u8> {
+    let mut b = vec![0u8; len];
+    n.read(off, &mut b).unwrap();
+    b
+}
+
+/// A minimal driver written the way other crates would: stores bytes, has a
+/// 512-byte alignment and records every request it sees.
+struct Recorder {
+    data: Mutex<Vec<u8>>,
+    log: Arc<Mutex<Vec<(char, u64, u64)>>>,
+}
+
+impl Driver for Recorder {
+    fn format_name(&self) -> &str {
+        "recorder"
+    }
+    fn length(&self, _node: &Node) -> Result<u64> {
+        Ok(self.data.lock().len() as u64)
+    }
+    fn read(&self, _node: &Node, offset: u64, buf: &mut [u8]) -> Result<()> {
+        self.log.lock().push(('r', offset, buf.len() as u64));
+        let d = self.data.lock();
+        buf.copy_from_slice(&d[offset as usize..offset as usize + buf.len()]);
+        Ok(())
+    }
+    fn write(&self, _node: &Node, offset: u64, buf: &[u8], _f: WriteFlags) -> Result<()> {
+        self.log.lock().push(('w', offset, buf.len() as u64));
+        self.data.lock()[offset as usize..offset as usize + buf.len()].copy_from_slice(buf);
+        Ok(())
+    }
+    fn request_alignment(&self) -> u64 {
+        512
+    }
+}
+
+fn recorder_graph() -> (Graph, Arc<Mutex<Vec<(char, u64, u64)>>>) {
+    let g = Graph::new();
+    let log = Arc::new(Mutex::new(Vec::new()));
+    let l2 = log.clone();
+    g.register_driver("recorder", move |ctx| {
+        let size = ctx.options().require_u64("size")?;
+        Ok(Box::new(Recorder {
+            data: Mutex::new(vec![0u8; size as usize]),
+            log: l2.clone(),
+        }))
+    });
+    (g, log)
+}
+
+#[test]
+fn generated_names_and_lookup() {
+    let g = Graph::new();
+    let n = g
+        .add_node(&json!({"driver": "null-co", "size": 4096}))
+        .unwrap();
+    assert!(n.name().starts_with("#block"), "{}", n.name());
+    assert!(Arc::ptr_eq(&g.node(n.name()).unwrap(), &n));
+    let top = g
+        .add_node(&json!({"driver": "raw", "node-name": "top", "file": {"driver": "null-co", "size": 8192}}))
+        .unwrap();
+    let f = top.file().unwrap();
+    assert!(f.name().starts_with("#block") && f.is_implicit());
+    assert_eq!(top.len(), 8192);
+    assert_eq!(f.parents().len(), 1);
+    assert_eq!(g.nodes().len(), 3);
+    assert_eq!(g.node("nope").unwrap_err().kind(), ErrorKind::NotFound);
+    assert_eq!(r(&n, 0, 16), vec![0u8; 16]);
+}
+
+#[test]
+fn remove_node_refused_while_used_and_requests_after_removal_fail() {
+    let g = Graph::new();
+    let base = mem(&g, "base", 65536);
+    let _top = g
+        .add_node(&json!({"driver": "memory", "node-name": "top", "backing": "base"}))
+        .unwrap();
+    let e = g.remove_node("base").unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::Busy);
+    assert!(e.to_string().contains("node 'top' (as 'backing')"), "{e}");
+    g.remove_node("top").unwrap();
+    assert!(base.parents().is_empty());
+    let be = g
+        .new_backend_named("disk0", &base, PermPair::READ_WRITE)
+        .unwrap();
+    assert!(g.has_backend(&base));
+    let e = g.remove_node("base").unwrap_err();
+    assert!(e.to_string().contains("backend 'disk0'"), "{e}");
+    drop(be);
+    assert!(!g.has_backend(&base));
+    g.remove_node("base").unwrap();
+    let mut b = [0u8; 1];
+    let e = base.read(0, &mut b).unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::NotFound);
+    assert_eq!(e.node(), Some("base"));
+    assert!(e.to_string().contains("removed"), "{e}");
+    assert_eq!(
+        base.write(0, &[1], WriteFlags::default())
+            .unwrap_err()
+            .kind(),
+        ErrorKind::NotFound
+    );
+    assert_eq!(
+        g.remove_node("base").unwrap_err().kind(),
+        ErrorKind::NotFound
+    );
+}
+
+#[test]
+fn implicit_children_go_with_their_parent_and_cannot_be_removed_alone() {
+    let g = Graph::new();
+    let top = g
+        .add_node(&json!({"driver": "memory", "node-name": "top",
+            "backing": {"driver": "memory", "node-name": "hid", "size": 4096}}))
+        .unwrap();
+    assert!(
+        top.backing().unwrap().is_read_only(),
+        "backing definitions default to read-only"
+    );
+    let e = g.remove_node("hid").unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::InvalidArgument);
+    assert!(e.to_string().contains("implicitly"), "{e}");
+    g.remove_node("top").unwrap();
+    assert!(g.node_names().is_empty(), "{:?}", g.node_names());
+}
+
+#[test]
+fn failed_add_leaves_nothing_behind() {
+    let g = Graph::new();
+    let e = g
+        .add_node(&json!({"driver": "raw", "node-name": "top",
+            "file": {"driver": "memory", "node-name": "inner", "size": 4096}, "bogus": 1}))
+        .unwrap_err();
+    assert!(e.to_string().contains("'bogus'"), "{e}");
+    assert!(g.node_names().is_empty(), "{:?}", g.node_names());
+    // The name is free again.
+    g.add_node(&json!({"driver": "memory", "node-name": "inner", "size": 1}))
+        .unwrap();
+}
+
+#[test]
+fn cycles_are_refused_and_change_nothing() {
+    let g = Graph::new();
+    let a = mem(&g, "a", 4096);
+    let e = g.attach_child(&a, Role::Backing, &a).unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::InvalidArgument);
+    assert!(e.to_string().contains("cycle"), "{e}");
+    let b = g
+        .add_node(&json!({"driver": "memory", "node-name": "b", "backing": "a"}))
+        .unwrap();
+    let e = g.attach_child(&a, Role::Backing, &b).unwrap_err();
+    assert!(e.to_string().contains("cycle"), "{e}");
+    assert!(a.backing().is_none());
+    assert!(Arc::ptr_eq(&b.backing().unwrap(), &a));
+    // A driver without backing support refuses a backing child.
+    let n = g
+        .add_node(&json!({"driver": "null-co", "node-name": "n", "size": 4096}))
+        .unwrap();
+    assert_eq!(
+        g.attach_child(&n, Role::Backing, &a).unwrap_err().kind(),
+        ErrorKind::NotSupported
+    );
+}
+
+#[test]
+fn attach_detach_and_chain_depth_cap() {
+    let g = Graph::new();
+    let base = mem(&g, "base", 4096);
+    w(&base, 0, b"base");
+    let top = mem(&g, "top", 4096);
+    assert_eq!(r(&top, 0, 4), vec![0; 4]);
+    g.attach_child(&top, Role::Backing, &base).unwrap();
+    assert_eq!(r(&top, 0, 4), b"base");
+    let d = g.detach_child(&top, &Role::Backing).unwrap();
+    assert!(Arc::ptr_eq(&d, &base));
+    assert!(base.parents().is_empty());
+    assert_eq!(r(&top, 0, 4), vec![0; 4]);
+    // Build a chain up to the cap; one more is refused.
+    let mut cur = mem(&g, "c0", 512);
+    for i in 1..MAX_BACKING_DEPTH {
+        let n = mem(&g, &format!("c{i}"), 512);
+        g.attach_child(&n, Role::Backing, &cur).unwrap();
+        cur = n;
+    }
+    assert_eq!(g.backing_chain(&cur).len(), MAX_BACKING_DEPTH);
+    let extra = mem(&g, "extra", 512);
+    let e = g.attach_child(&extra, Role::Backing, &cur).unwrap_err();
+    assert!(e.to_string().contains("deeper"), "{e}");
+    // Nested definitions deeper than the cap are refused too.
+    let mut def = json!({"driver": "memory", "size": 512});
+    for _ in 0..MAX_BACKING_DEPTH + 1 {
+        def = json!({"driver": "memory", "backing": def});
+    }
+    let before = g.node_names().len();
+    assert_eq!(
+        g.add_node(&def).unwrap_err().kind(),
+        ErrorKind::InvalidArgument
+    );
+    assert_eq!(g.node_names().len(), before);
+}
+
+#[test]
+fn out_of_range_requests_name_node_offset_length_size() {
+    let g = Graph::new();
+    let n = mem(&g, "disk", 4096);
+    let mut b = [0u8; 2];
+    let e = n.read(4095, &mut b).unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::OutOfRange);
+    let s = e.to_string();
+    assert!(
+        s.contains("'disk'") && s.contains("4095") && s.contains("length 2") && s.contains("4096"),
+        "{s}"
+    );
+    assert_eq!(
+        n.write(u64::MAX, &b, WriteFlags::default())
+            .unwrap_err()
+            .kind(),
+        ErrorKind::OutOfRange
+    );
+    assert_eq!(
+        n.discard(4000, 100).unwrap_err().kind(),
+        ErrorKind::OutOfRange
+    );
+    assert_eq!(
+        n.block_status(4096, 1).unwrap_err().kind(),
+        ErrorKind::OutOfRange
+    );
+    assert_eq!(
+        n.stats().write.ops,
+        0,
+        "refused requests never reach the driver"
+    );
+}
+
+#[test]
+fn read_only_nodes_refuse_writes() {
+    let g = Graph::new();
+    let n = g
+        .add_node(&json!({"driver": "memory", "node-name": "ro", "size": 4096, "read-only": true}))
+        .unwrap();
+    assert!(n.is_read_only());
+    for e in [
+        n.write(0, &[1], WriteFlags::default()).unwrap_err(),
+        n.discard(0, 512).unwrap_err(),
+        n.write_zeroes(0, 512, ZeroFlags::default()).unwrap_err(),
+        n.truncate(8192).unwrap_err(),
+        n.make_empty().unwrap_err(),
+    ] {
+        assert_eq!(e.kind(), ErrorKind::PermissionDenied);
+        assert_eq!(e.node(), Some("ro"));
+    }
+    assert_eq!(r(&n, 0, 4), vec![0; 4]);
+}
+
+#[test]
+fn op_blockers() {
+    let g = Graph::new();
+    let n = mem(&g, "n", 4096);
+    n.check_op(BlockOp::CommitSource).unwrap();
+    let guard = n.block_all("node is used by replication");
+    let e = n.check_op(BlockOp::CommitSource).unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::Busy);
+    assert!(e.to_string().contains("node is used by replication"), "{e}");
+    guard.unblock(BlockOp::DataplaneStart);
+    n.check_op(BlockOp::DataplaneStart).unwrap();
+    let one = n.block_op(BlockOp::Stream, "streaming");
+    drop(guard);
+    n.check_op(BlockOp::CommitSource).unwrap();
+    assert!(n
+        .check_op(BlockOp::Stream)
+        .unwrap_err()
+        .to_string()
+        .contains("streaming"));
+    drop(one);
+    for op in BlockOp::ALL {
+        n.check_op(op).unwrap();
+    }
+    // blockdev-del respects the drive-del blocker.
+    let _b = n.block_op(BlockOp::DriveDel, "in use by a job");
+    assert_eq!(g.remove_node("n").unwrap_err().kind(), ErrorKind::Busy);
+}
+
+#[test]
+fn permission_conflicts_name_the_users() {
+    let g = Graph::new();
+    mem(&g, "f", 4096);
+    g.add_node(&json!({"driver": "raw", "node-name": "r1", "file": "f"}))
+        .unwrap();
+    let e = g
+        .add_node(&json!({"driver": "raw", "node-name": "r2", "file": "f"}))
+        .unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::PermissionDenied);
+    assert!(e.to_string().contains("node 'r1' (as 'file')"), "{e}");
+    assert!(g.node("r2").is_err());
+    // A read-only second user is fine (the writer shares consistent read).
+    g.add_node(&json!({"driver": "raw", "node-name": "r3", "file": "f", "read-only": true}))
+        .unwrap();
+    // A writable node over a read-only file is refused.
+    mem(&g, "rof", 4096);
+    let rof = g.node("rof").unwrap();
+    g.reopen(&[(rof.clone(), ReopenOpts { read_only: true })])
+        .unwrap();
+    let e = g
+        .add_node(&json!({"driver": "raw", "node-name": "r4", "file": "rof"}))
+        .unwrap_err();
+    assert!(e.to_string().contains("read-only"), "{e}");
+    // A backend asking for write on a read-only node is refused.
+    let e = g.new_backend(&rof, PermPair::READ_WRITE).unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::PermissionDenied);
+    // A backend that does not share write conflicts with a writer.
+    let f = g.node("f").unwrap();
+    let e = g
+        .new_backend_named(
+            "excl",
+            &f,
+            PermPair {
+                perm: Perms::CONSISTENT_READ,
+                shared: Perms::CONSISTENT_READ,
+            },
+        )
+        .unwrap_err();
+    assert!(e.to_string().contains("node 'r1' (as 'file')"), "{e}");
+    // A read-only backend cannot write.
+    let ro = g.new_backend(&f, PermPair::READ_ONLY).unwrap();
+    assert_eq!(
+        ro.write(0, &[1], WriteFlags::default()).unwrap_err().kind(),
+        ErrorKind::PermissionDenied
+    );
+}
+
+#[test]
+fn reopen_is_all_or_nothing() {
+    let g = Graph::new();
+    let a = mem(&g, "a", 4096);
+    let b = mem(&g, "b", 4096);
+    let _be = g
+        .new_backend_named("guest", &b, PermPair::READ_WRITE)
+        .unwrap();
+    let e = g
+        .reopen(&[
+            (a.clone(), ReopenOpts { read_only: true }),
+            (b.clone(), ReopenOpts { read_only: true }),
+        ])
+        .unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::PermissionDenied);
+    assert!(e.to_string().contains("backend 'guest'"), "{e}");
+    assert!(!a.is_read_only() && !b.is_read_only());
+    g.reopen(&[(a.clone(), ReopenOpts { read_only: true })])
+        .unwrap();
+    assert!(a.is_read_only());
+    // A node over a read-only child can become writable only with the child.
+    let top = g
+        .add_node(&json!({"driver": "raw", "node-name": "top", "file": "a", "read-only": true}))
+        .unwrap();
+    let e = g
+        .reopen(&[(top.clone(), ReopenOpts { read_only: false })])
+        .unwrap_err();
+    assert!(e.to_string().contains("child 'file'"), "{e}");
+    assert!(top.is_read_only());
+    g.reopen(&[
+        (top.clone(), ReopenOpts { read_only: false }),
+        (a.clone(), ReopenOpts { read_only: false }),
+    ])
+    .unwrap();
+    w(&top, 0, b"ok");
+    assert_eq!(r(&a, 0, 2), b"ok");
+    // Now the writer on 'a' prevents making 'a' read-only alone.
+    let e = g
+        .reopen(&[(a.clone(), ReopenOpts { read_only: true })])
+        .unwrap_err();
+    assert!(e.to_string().contains("node 'top' (as 'file')"), "{e}");
+    g.reopen(&[
+        (top.clone(), ReopenOpts { read_only: true }),
+        (a.clone(), ReopenOpts { read_only: true }),
+    ])
+    .unwrap();
+    assert!(a.is_read_only() && top.is_read_only());
+}
+
+#[test]
+fn replace_node_moves_parents_and_backends() {
+    let g = Graph::new();
+    let base = mem(&g, "base", 4096);
+    let mid = mem(&g, "mid", 4096);
+    w(&base, 0, b"B");
+    w(&mid, 0, b"M");
+    let top = g
+        .add_node(&json!({"driver": "memory", "node-name": "top", "backing": "mid"}))
+        .unwrap();
+    let be = g.new_backend(&mid, PermPair::READ_WRITE).unwrap();
+    assert_eq!(r(&top, 0, 1), b"M");
+    g.replace_node(&mid, &base).unwrap();
+    assert!(Arc::ptr_eq(&top.backing().unwrap(), &base));
+    assert!(Arc::ptr_eq(&be.node(), &base));
+    assert!(mid.parents().is_empty() && !mid.has_backend());
+    assert!(base.has_backend());
+    assert_eq!(r(&top, 0, 1), b"B");
+    let mut b = [0u8; 1];
+    be.read(0, &mut b).unwrap();
+    assert_eq!(&b, b"B");
+    // top -> base; c -> top. Replacing base by c would make top -> c -> top.
+    let c = g
+        .add_node(&json!({"driver": "memory", "node-name": "c", "backing": "top"}))
+        .unwrap();
+    let e = g.replace_node(&base, &c).unwrap_err();
+    assert!(e.to_string().contains("cycle"), "{e}");
+    assert!(Arc::ptr_eq(&top.backing().unwrap(), &base));
+    assert!(Arc::ptr_eq(&be.node(), &base));
+}
+
+#[test]
+fn filters_are_inserted_and_removed_without_parents_noticing() {
+    let g = Graph::new();
+    let disk = mem(&g, "disk", 65536);
+    w(&disk, 0, b"data");
+    let top = g
+        .add_node(&json!({"driver": "memory", "node-name": "top", "backing": "disk"}))
+        .unwrap();
+    let be = g
+        .new_backend_named("exp", &disk, PermPair::READ_WRITE)
+        .unwrap();
+    let f = g
+        .add_node(&json!({"driver": "blkdebug", "node-name": "flt", "image": "disk"}))
+        .unwrap();
+    // Not a filter / wrong child are refused.
+    assert!(g.insert_filter_above(&disk, &top).is_err());
+    g.insert_filter_above(&disk, &f).unwrap();
+    assert!(Arc::ptr_eq(&top.backing().unwrap(), &f));
+    assert!(Arc::ptr_eq(&be.node(), &f));
+    assert!(Arc::ptr_eq(&f.file().unwrap(), &disk));
+    assert_eq!(disk.parents().len(), 1);
+    assert_eq!(r(&top, 0, 4), b"data");
+    let mut b = [0u8; 4];
+    be.read(0, &mut b).unwrap();
+    assert_eq!(&b, b"data");
+    assert!(f.stats().read.ops >= 2);
+    assert_eq!(g.backing_chain(&top).len(), 3);
+    assert_eq!(
+        g.is_allocated_above(&top, Some(&disk), 0, 4).unwrap().0,
+        false
+    );
+    assert_eq!(g.is_allocated_above(&top, None, 0, 4).unwrap().0, true);
+    // Hold writes in the filter: the parent sees nothing but the filter working.
+    f.driver_as::<BlkDebug>()
+        .unwrap()
+        .inject(drivers::blkdebug::InjectRule::new(IoMask::WRITE, 28).once());
+    let e = be.write(0, b"x", WriteFlags::default()).unwrap_err();
+    assert_eq!((e.kind(), e.node()), (ErrorKind::NoSpace, Some("flt")));
+    g.remove_filter(&f).unwrap();
+    assert!(Arc::ptr_eq(&top.backing().unwrap(), &disk));
+    assert!(Arc::ptr_eq(&be.node(), &disk));
+    assert!(f.is_removed());
+    assert!(g.node("flt").is_err());
+    be.write(0, b"X", WriteFlags::default()).unwrap();
+    assert_eq!(r(&top, 0, 4), b"Xata");
+}
+
+#[test]
+fn unaligned_requests_are_padded_for_the_driver() {
+    let (g, log) = recorder_graph();
+    let n = g
+        .add_node(&json!({"driver": "recorder", "node-name": "rec", "size": 4096}))
+        .unwrap();
+    assert_eq!(n.request_alignment(), 512);
+    w(&n, 0, &[0xaa; 1024]);
+    log.lock().clear();
+    w(&n, 510, b"xyz");
+    let l = log.lock().clone();
+    assert!(
+        l.iter().all(|(_, o, len)| o % 512 == 0 && len % 512 == 0),
+        "{l:?}"
+    );
+    assert_eq!(r(&n, 508, 7), [0xaa, 0xaa, b'x', b'y', b'z', 0xaa, 0xaa]);
+    // A write inside one block reads that block once.
+    log.lock().clear();
+    w(&n, 1030, b"q");
+    assert_eq!(log.lock().clone(), vec![('r', 1024, 512), ('w', 1024, 512)]);
+    assert_eq!(r(&n, 1029, 3), [0, b'q', 0]);
+    // Discard and write-zeroes: the driver has neither; zeroes fall back to writes.
+    assert_eq!(
+        n.discard(0, 512).unwrap_err().kind(),
+        ErrorKind::NotSupported
+    );
+    n.write_zeroes(100, 1000, ZeroFlags::default()).unwrap();
+    assert_eq!(r(&n, 99, 1002)[1..1001], vec![0u8; 1000][..]);
+    assert_eq!(r(&n, 99, 1)[0], 0xaa);
+    let e = n
+        .write_zeroes(
+            0,
+            512,
+            ZeroFlags {
+                no_fallback: true,
+                ..Default::default()
+            },
+        )
+        .unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::NotSupported);
+    assert!(e.to_string().contains("recorder"), "{e}");
+    assert_eq!(
+        n.truncate(8192).unwrap_err().kind(),
+        ErrorKind::NotSupported
+    );
+    assert_eq!(n.make_empty().unwrap_err().kind(), ErrorKind::NotSupported);
+}
+
+#[test]
+fn serialise_guard_holds_other_threads_but_not_its_owner() {
+    let g = Graph::new();
+    let n = mem(&g, "n", 65536);
+    let guard = n.serialise(0, 4096);
+    w(&n, 0, b"owner"); // same thread passes
+    let done = Arc::new(AtomicBool::new(false));
+    let (n2, d2) = (n.clone(), done.clone());
+    let t = std::thread::spawn(move || {
+        n2.write(1000, b"other", WriteFlags::default()).unwrap();
+        d2.store(true, Ordering::SeqCst);
+    });
+    let (n3, d3) = (n.clone(), Arc::new(AtomicBool::new(false)));
+    let d3c = d3.clone();
+    let t2 = std::thread::spawn(move || {
+        n3.write(8192, b"free", WriteFlags::default()).unwrap();
+        d3c.store(true, Ordering::SeqCst);
+    });
+    t2.join().unwrap();
+    assert!(d3.load(Ordering::SeqCst), "non-overlapping write passes");
+    std::thread::sleep(Duration::from_millis(50));
+    assert!(
+        !done.load(Ordering::SeqCst),
+        "overlapping write waits for the guard"
+    );
+    drop(guard);
+    t.join().unwrap();
+    assert_eq!(r(&n, 1000, 5), b"other");
+    assert_eq!(r(&n, 0, 5), b"owner");
+}
+
+#[test]
+fn serialise_guard_waits_for_earlier_requests() {
+    let g = Graph::new();
+    let disk = mem(&g, "disk", 65536);
+    let f = g
+        .add_node(&json!({"driver": "blkdebug", "node-name": "f", "image": "disk"}))
+        .unwrap();
+    let hold = f.driver_as::<BlkDebug>().unwrap().hold(IoMask::WRITE, None);
+    let f2 = f.clone();
+    let t = std::thread::spawn(move || f2.write(0, b"first", WriteFlags::default()).unwrap());
+    assert!(hold.wait_reached(1, Duration::from_secs(5)));
+    let got = Arc::new(AtomicBool::new(false));
+    let (f3, g3) = (f.clone(), got.clone());
+    let t2 = std::thread::spawn(move || {
+        let _s = f3.serialise(0, 512);
+        g3.store(true, Ordering::SeqCst);
+    });
+    std::thread::sleep(Duration::from_millis(50));
+    assert!(
+        !got.load(Ordering::SeqCst),
+        "guard waits for the in-flight write"
+    );
+    hold.release();
+    t.join().unwrap();
+    t2.join().unwrap();
+    assert!(got.load(Ordering::SeqCst));
+    assert_eq!(r(&disk, 0, 5), b"first");
+}
+
+#[test]
+fn drain_waits_for_in_flight_and_holds_new_requests() {
+    let g = Graph::new();
+    let disk = mem(&g, "disk", 65536);
+    let f = g
+        .add_node(&json!({"driver": "blkdebug", "node-name": "f", "image": "disk"}))
+        .unwrap();
+    let be = Arc::new(g.new_backend(&f, PermPair::READ_WRITE).unwrap());
+    let hold = f.driver_as::<BlkDebug>().unwrap().hold(IoMask::WRITE, None);
+    let b2 = be.clone();
+    let t = std::thread::spawn(move || b2.write(0, b"inflight", WriteFlags::default()).unwrap());
+    assert!(hold.wait_reached(1, Duration::from_secs(5)));
+    // Draining the *child* must wait for the parent's in-flight request.
+    let drained = Arc::new(AtomicBool::new(false));
+    let (g2, d2, disk2) = (g.clone(), drained.clone(), disk.clone());
+    let (tx, rx) = crossbeam_channel::bounded::<()>(0);
+    let td = std::thread::spawn(move || {
+        let guard = g2.drain(&[disk2.clone()]);
+        d2.store(true, Ordering::SeqCst);
+        assert!(disk2.is_drained());
+        assert_eq!(disk2.in_flight(), 0);
+        // The draining thread itself may do I/O.
+        disk2.write(100, b"owner", WriteFlags::default()).unwrap();
+        rx.recv().unwrap();
+        drop(guard);
+    });
+    std::thread::sleep(Duration::from_millis(50));
+    assert!(
+        !drained.load(Ordering::SeqCst),
+        "drain waits for the held request"
+    );
+    hold.release();
+    t.join().unwrap();
+    while !drained.load(Ordering::SeqCst) {
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    assert!(f.is_drained(), "parents are drained too");
+    // New requests from elsewhere are held until the section ends.
+    let done = Arc::new(AtomicBool::new(false));
+    let (b3, d3) = (be.clone(), done.clone());
+    let t3 = std::thread::spawn(move || {
+        b3.write(200, b"later", WriteFlags::default()).unwrap();
+        d3.store(true, Ordering::SeqCst);
+    });
+    std::thread::sleep(Duration::from_millis(50));
+    assert!(!done.load(Ordering::SeqCst), "request held while drained");
+    tx.send(()).unwrap();
+    td.join().unwrap();
+    t3.join().unwrap();
+    assert!(!disk.is_drained() && !f.is_drained());
+    assert_eq!(r(&disk, 0, 8), b"inflight");
+    assert_eq!(r(&disk, 100, 5), b"owner");
+    assert_eq!(r(&disk, 200, 5), b"later");
+    // Nested sections.
+    let g1 = g.drain(&[disk.clone()]);
+    let g2 = g.drain(&[disk.clone()]);
+    drop(g1);
+    assert!(disk.is_drained());
+    drop(g2);
+    assert!(!disk.is_drained());
+}
+
+#[test]
+fn statistics_count_ops_bytes_errors() {
+    let g = Graph::new();
+    let n = mem(&g, "n", 65536);
+    w(&n, 0, &[1; 4096]);
+    r(&n, 0, 512);
+    r(&n, 0, 512);
+    n.flush().unwrap();
+    n.discard(0, 4096).unwrap();
+    n.write_zeroes(0, 4096, ZeroFlags::default()).unwrap();
+    n.block_status(0, 4096).unwrap();
+    let s = n.stats();
+    assert_eq!((s.write.ops, s.write.bytes, s.write.errors), (1, 4096, 0));
+    assert_eq!((s.read.ops, s.read.bytes), (2, 1024));
+    assert_eq!(s.flush.ops, 1);
+    assert_eq!((s.discard.ops, s.discard.bytes), (1, 4096));
+    assert_eq!((s.write_zeroes.ops, s.write_zeroes.bytes), (1, 4096));
+    assert_eq!(s.block_status.ops, 1);
+    let f = g
+        .add_node(
+            &json!({"driver": "blkdebug", "node-name": "f", "image": "n",
+        "inject-error": [{"event": "read_aio", "errno": 5}]}),
+        )
+        .unwrap();
+    let mut b = [0u8; 10];
+    assert!(f.read(0, &mut b).is_err());
+    let s = f.stats();
+    assert_eq!((s.read.ops, s.read.errors, s.read.bytes), (1, 1, 0));
+}
+
+#[test]
+fn bad_options_are_refused_with_clear_errors() {
+    let g = Graph::new();
+    let cases = [
+        (json!({"driver": "nope"}), "unknown driver 'nope'"),
+        (json!({"size": 1}), "requires the option 'driver'"),
+        (json!({"driver": "memory"}), "requires the option 'size'"),
+        (
+            json!({"driver": "memory", "size": 1, "x": 1}),
+            "does not support the option 'x'",
+        ),
+        (json!({"driver": "memory", "size": "big"}), "option 'size'"),
+        (json!({"driver": "memory", "size": -1}), "option 'size'"),
+        (
+            json!({"driver": "memory", "size": 1, "read-only": 3}),
+            "option 'read-only'",
+        ),
+        (
+            json!({"driver": "memory", "size": 1, "node-name": "0bad"}),
+            "invalid node-name",
+        ),
+        (json!({"driver": "raw"}), "requires the option 'file'"),
+        (
+            json!({"driver": "raw", "file": "missing"}),
+            "no node named 'missing'",
+        ),
+        (
+            json!({"driver": "raw", "file": 5}),
+            "node name or a node definition",
+        ),
+        (json!({"driver": "file"}), "requires the option 'filename'"),
+        (
+            json!({"driver": "file", "filename": "/nonexistent/x.img"}),
+            "cannot open",
+        ),
+        (
+            json!({"driver": "quorum", "children": [{"driver": "null-co"}], "vote-threshold": 2}),
+            "vote-threshold",
+        ),
+        (
+            json!({"driver": "quorum", "children": [{"driver": "null-co"}], "vote-threshold": 1, "read-pattern": "lifo"}),
+            "'quorum', 'fifo'",
+        ),
+        (
+            json!({"driver": "blkdebug", "image": {"driver": "null-co"}, "inject-error": [{"event": "bogus"}]}),
+            "event 'bogus'",
+        ),
+        (
+            json!({"driver": "blkdebug", "image": {"driver": "null-co"}, "inject-error": [{"event": "read_aio", "errno": "EWHAT"}]}),
+            "EWHAT",
+        ),
+        (
+            json!({"driver": "memory", "size": 1, "cluster-size": 3}),
+            "cluster-size",
+        ),
+        (json!("memory"), "must be an object"),
+    ];
+    for (opts, want) in cases {
+        let e = g.add_node(&opts).unwrap_err();
+        assert!(e.to_string().contains(want), "{opts}: {e}");
+        assert!(
+            g.node_names().is_empty(),
+            "{opts} left {:?}",
+            g.node_names()
+        );
+    }
+}
+
+#[test]
+fn backend_requests_and_block_status_above() {
+    let g = Graph::new();
+    let base = g.add_node(&json!({"driver": "memory", "node-name": "base", "size": 1 << 20, "cluster-size": 4096})).unwrap();
+    w(&base, 0, &[1; 4096]);
+    base.write_zeroes(4096, 4096, ZeroFlags::default()).unwrap();
+    let top = g.add_node(&json!({"driver": "memory", "node-name": "top", "backing": "base", "cluster-size": 4096})).unwrap();
+    w(&top, 8192, &[2; 4096]);
+    let be = g.new_backend(&top, PermPair::READ_WRITE).unwrap();
+    assert_eq!(be.len(), 1 << 20);
+    let st = be.block_status_above(0, 1 << 20).unwrap();
+    assert_eq!((st.mapping, st.len), (Mapping::Data, 4096));
+    let st = be.block_status_above(4096, 1 << 20).unwrap_err();
+    assert_eq!(st.kind(), ErrorKind::OutOfRange);
+    let st = g.block_status_above(&top, None, 4096, 8192).unwrap();
+    assert_eq!((st.mapping, st.len), (Mapping::Zero, 4096));
+    let st = g.block_status_above(&top, None, 8192, 8192).unwrap();
+    assert_eq!((st.mapping, st.len), (Mapping::Data, 4096));
+    let st = g.block_status_above(&top, None, 12288, 65536).unwrap();
+    assert_eq!((st.mapping, st.len), (Mapping::Unallocated, 65536));
+    be.write(12288, b"x", WriteFlags::default()).unwrap();
+    be.truncate(2 << 20).unwrap();
+    assert_eq!(top.len(), 2 << 20);
+}
