@@ -28,7 +28,7 @@ fn r(n: &Node, off: u64, len: usize) -> Vec<u8> {
 /// 512-byte alignment and records every request it sees.
 struct Recorder {
     data: Mutex<Vec<u8>>,
-    log: Arc<Mutex<Vec<(char, u64, u64)>>>,
+    log: Log,
 }
 
 impl Driver for Recorder {
@@ -54,7 +54,9 @@ impl Driver for Recorder {
     }
 }
 
-fn recorder_graph() -> (Graph, Arc<Mutex<Vec<(char, u64, u64)>>>) {
+type Log = Arc<Mutex<Vec<(char, u64, u64)>>>;
+
+fn recorder_graph() -> (Graph, Log) {
     let g = Graph::new();
     let log = Arc::new(Mutex::new(Vec::new()));
     let l2 = log.clone();
@@ -455,11 +457,8 @@ fn filters_are_inserted_and_removed_without_parents_noticing() {
     assert_eq!(&b, b"data");
     assert!(f.stats().read.ops >= 2);
     assert_eq!(g.backing_chain(&top).len(), 3);
-    assert_eq!(
-        g.is_allocated_above(&top, Some(&disk), 0, 4).unwrap().0,
-        false
-    );
-    assert_eq!(g.is_allocated_above(&top, None, 0, 4).unwrap().0, true);
+    assert!(!g.is_allocated_above(&top, Some(&disk), 0, 4).unwrap().0);
+    assert!(g.is_allocated_above(&top, None, 0, 4).unwrap().0);
     // Hold writes in the filter: the parent sees nothing but the filter working.
     f.driver_as::<BlkDebug>()
         .unwrap()
@@ -600,7 +599,7 @@ fn drain_waits_for_in_flight_and_holds_new_requests() {
     let (g2, d2, disk2) = (g.clone(), drained.clone(), disk.clone());
     let (tx, rx) = crossbeam_channel::bounded::<()>(0);
     let td = std::thread::spawn(move || {
-        let guard = g2.drain(&[disk2.clone()]);
+        let guard = g2.drain(std::slice::from_ref(&disk2));
         d2.store(true, Ordering::SeqCst);
         assert!(disk2.is_drained());
         assert_eq!(disk2.in_flight(), 0);
@@ -637,8 +636,8 @@ fn drain_waits_for_in_flight_and_holds_new_requests() {
     assert_eq!(r(&disk, 100, 5), b"owner");
     assert_eq!(r(&disk, 200, 5), b"later");
     // Nested sections.
-    let g1 = g.drain(&[disk.clone()]);
-    let g2 = g.drain(&[disk.clone()]);
+    let g1 = g.drain(std::slice::from_ref(&disk));
+    let g2 = g.drain(std::slice::from_ref(&disk));
     drop(g1);
     assert!(disk.is_drained());
     drop(g2);
