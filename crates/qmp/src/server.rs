@@ -355,7 +355,13 @@ fn bind_unix(path: &Path) -> Result<(UnixListener, UnixOwner), Error> {
         owner.unlink();
         return Err(Error::socket(ctx("listen"), e));
     }
-    Ok((UnixListener::from(fd), owner))
+    let l = UnixListener::from(fd);
+    // Accept only after poll; a connection reset in between must not block.
+    if let Err(e) = l.set_nonblocking(true) {
+        owner.unlink();
+        return Err(Error::socket(ctx("nonblocking"), e));
+    }
+    Ok((l, owner))
 }
 
 /// Waits up to `ms` for the listener to become readable.
@@ -383,6 +389,8 @@ impl Server {
             Some(a) => {
                 let l = TcpListener::bind(a)
                     .map_err(|e| Error::socket(format!("QMP TCP {a}: bind"), e))?;
+                l.set_nonblocking(true)
+                    .map_err(|e| Error::socket(format!("QMP TCP {a}: nonblocking"), e))?;
                 Some(l)
             }
             None => None,

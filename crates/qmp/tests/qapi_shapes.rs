@@ -72,7 +72,7 @@ const SCHEMA: &str = r#"
 "#;
 
 /// A registry with QEMU-shaped commands whose handlers record their args.
-fn registry(seen: Arc<Mutex<Vec<(String, Value)>>>) -> Registry {
+fn registry(seen: Seen) -> Registry {
     let mut r = Registry::new();
     r.define(SCHEMA).unwrap();
     let cmds = [
@@ -111,7 +111,10 @@ fn run(s: &mut Session, req: Value) -> Value {
     out.pop().unwrap()
 }
 
-fn setup() -> (Session, Arc<Mutex<Vec<(String, Value)>>>) {
+/// Commands the handlers saw, with their arguments.
+type Seen = Arc<Mutex<Vec<(String, Value)>>>;
+
+fn setup() -> (Session, Seen) {
     let seen = Arc::new(Mutex::new(Vec::new()));
     let mut s = Session::new(Arc::new(registry(Arc::clone(&seen))));
     assert_eq!(
