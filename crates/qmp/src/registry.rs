@@ -330,6 +330,43 @@ impl Registry {
         Ok(())
     }
 
+    /// Runs a command in-process as a negotiated client would: arguments
+    /// (an object, or `null` for none) checked first, then the handler
+    /// under the dispatcher lock. For scripted set-ups and tests;
+    /// `qmp_capabilities` and `quit` belong to a connection and are refused.
+    pub fn execute(&self, name: &str, arguments: Value) -> Result<Value, QmpError> {
+        let args = match arguments {
+            Value::Object(m) => m,
+            Value::Null => Map::new(),
+            _ => {
+                return Err(QmpError::generic(
+                    "QMP input member 'arguments' must be an object",
+                ))
+            }
+        };
+        let cmd = self.command(name).ok_or_else(|| {
+            QmpError::command_not_found(format!("The command {name} has not been found"))
+        })?;
+        self.check_command_args(cmd, &args)?;
+        match &cmd.action {
+            Action::User(h) => {
+                let a = Args::new(args);
+                let _g = self.lock.lock();
+                h(&a)
+            }
+            Action::QueryCommands => Ok(self.query_commands()),
+            Action::QueryVersion => Ok(self.version.to_json()),
+            Action::Capabilities | Action::Quit => Err(QmpError::generic(format!(
+                "The command {name} is only available on a QMP connection"
+            ))),
+        }
+    }
+
+    /// The `query-commands` reply: `[{"name": ...}, ...]`, sorted.
+    pub fn query_commands(&self) -> Value {
+        Value::Array(self.commands.keys().map(|n| json!({ "name": n })).collect())
+    }
+
     /// Names of every command, sorted.
     pub fn command_names(&self) -> Vec<&str> {
         self.commands.keys().map(String::as_str).collect()

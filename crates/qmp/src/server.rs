@@ -378,7 +378,12 @@ fn poll_readable(fd: i32, ms: i32) -> bool {
 
 impl Server {
     /// Binds the configured sockets and starts serving `registry`.
-    pub fn start(registry: Registry, config: ServerConfig) -> Result<Server, Error> {
+    /// Takes a `Registry` or an `Arc<Registry>` (to keep using it in-process,
+    /// e.g. with [`Registry::execute`]).
+    pub fn start(
+        registry: impl Into<Arc<Registry>>,
+        config: ServerConfig,
+    ) -> Result<Server, Error> {
         if config.unix.is_none() && config.tcp.is_none() {
             return Err(Error::socket(
                 "QMP server: no --qmp socket configured",
@@ -407,7 +412,7 @@ impl Server {
             None => None,
         };
         let shared = Arc::new(Shared {
-            registry: Arc::new(registry),
+            registry: registry.into(),
             stop: AtomicBool::new(false),
             reason: Mutex::new(None),
             stopped: Condvar::new(),

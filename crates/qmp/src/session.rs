@@ -174,13 +174,7 @@ impl Session {
                 self.negotiated = true;
                 Ok(json!({}))
             }
-            Action::QueryCommands => Ok(Value::Array(
-                self.registry
-                    .command_names()
-                    .into_iter()
-                    .map(|n| json!({"name": n}))
-                    .collect(),
-            )),
+            Action::QueryCommands => Ok(self.registry.query_commands()),
             Action::QueryVersion => Ok(self.registry.version().to_json()),
             Action::Quit => {
                 if let Some(h) = self.registry.quit_hook() {
@@ -471,6 +465,41 @@ mod tests {
         let out = run(&mut s, "{'execute': 'quit'}{'execute': 'query-version'}");
         assert_eq!(out, vec![json!({"return": {}})]);
         assert!(s.quit_requested());
+    }
+
+    #[test]
+    fn execute_in_process() {
+        let r = registry();
+        assert_eq!(
+            r.execute("echo", json!({"s": "a", "n": 2})),
+            Ok(json!({"s": "a", "n": 2}))
+        );
+        assert_eq!(
+            r.execute("echo", json!({"s": 1})).unwrap_err().desc,
+            "Invalid parameter type for 's', expected: string"
+        );
+        assert_eq!(
+            r.execute("fail", Value::Null).unwrap_err().class,
+            ErrorClass::DeviceNotFound
+        );
+        assert_eq!(
+            r.execute("nope", Value::Null).unwrap_err().class,
+            ErrorClass::CommandNotFound
+        );
+        assert_eq!(
+            r.execute("query-version", Value::Null).unwrap()["qemu"]["minor"],
+            2
+        );
+        assert_eq!(
+            r.execute("query-commands", Value::Null)
+                .unwrap()
+                .as_array()
+                .unwrap()
+                .len(),
+            6
+        );
+        assert!(r.execute("quit", Value::Null).is_err());
+        assert!(r.execute("echo", json!([])).is_err());
     }
 
     #[test]
