@@ -310,3 +310,63 @@ proptest! {
         server.join();
     }
 }
+
+/// Rewrites standard JSON text with QEMU's single-quoted strings.
+fn single_quoted(text: &str) -> String {
+    let mut out = String::new();
+    let mut chars = text.chars();
+    let mut in_str = false;
+    while let Some(c) = chars.next() {
+        match (in_str, c) {
+            (false, '"') | (true, '"') => {
+                in_str = !in_str;
+                out.push('\'');
+            }
+            (true, '\\') => {
+                let n = chars.next().unwrap_or('\\');
+                if n == '"' {
+                    out.push('"');
+                } else {
+                    out.push('\\');
+                    out.push(n);
+                }
+            }
+            (true, '\'') => out.push_str("\\'"),
+            _ => out.push(c),
+        }
+    }
+    out
+}
+
+proptest! {
+    /// The splitter returns exactly the values sent, however the stream is
+    /// cut, with double or single quotes.
+    #[test]
+    fn splitter_returns_what_was_sent(
+        vals in prop::collection::vec(json_value(), 0..12),
+        quotes in prop::collection::vec(any::<bool>(), 12),
+        seps in prop::collection::vec(any::<u8>(), 12),
+        cuts in prop::collection::vec(1usize..32, 0..16),
+    ) {
+        let ws: [&str; 4] = [" ", "\n", "\r\n", "\t"];
+        let mut text = String::new();
+        for (i, v) in vals.iter().enumerate() {
+            let s = v.to_string();
+            text.push_str(&if quotes[i] { single_quoted(&s) } else { s });
+            text.push_str(ws[seps[i] as usize % 4]);
+        }
+        let bytes = text.as_bytes();
+        let mut sp = qmp::json::Splitter::new();
+        let mut out = Vec::new();
+        let mut at = 0;
+        for c in &cuts {
+            let end = (at + c).min(bytes.len());
+            sp.feed(&bytes[at..end], &mut out);
+            at = end;
+        }
+        sp.feed(&bytes[at..], &mut out);
+        let got: Vec<Value> = out.into_iter().collect::<Result<_, _>>().map_err(TestCaseError::fail)?;
+        prop_assert_eq!(got, vals);
+        prop_assert!(sp.is_idle());
+    }
+}
