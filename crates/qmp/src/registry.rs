@@ -349,17 +349,25 @@ impl Registry {
         })?;
         self.check_command_args(cmd, &args)?;
         match &cmd.action {
-            Action::User(h) => {
-                let a = Args::new(args);
-                let _g = self.lock.lock();
-                h(&a)
-            }
+            Action::User(h) => self.call(name, h, Args::new(args)),
             Action::QueryCommands => Ok(self.query_commands()),
             Action::QueryVersion => Ok(self.version.to_json()),
             Action::Capabilities | Action::Quit => Err(QmpError::generic(format!(
                 "The command {name} is only available on a QMP connection"
             ))),
         }
+    }
+
+    /// Runs a handler under the dispatcher lock. A panicking handler is a
+    /// bug, but must not take the connection (or the lock) down with it:
+    /// the client gets a `GenericError` and the server keeps serving.
+    pub(crate) fn call(&self, name: &str, h: &Arc<Handler>, args: Args) -> Result<Value, QmpError> {
+        let _g = self.lock.lock();
+        std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| h(&args))).unwrap_or_else(|_| {
+            Err(QmpError::generic(format!(
+                "internal error: command {name} failed unexpectedly"
+            )))
+        })
     }
 
     /// The `query-commands` reply: `[{"name": ...}, ...]`, sorted.

@@ -184,11 +184,7 @@ impl Session {
                 self.quit = true;
                 Ok(json!({}))
             }
-            Action::User(h) => {
-                let args = Args::new(arguments.clone());
-                let _g = self.registry.dispatch_lock().lock();
-                h(&args)
-            }
+            Action::User(h) => self.registry.call(name, h, Args::new(arguments.clone())),
         }
     }
 }

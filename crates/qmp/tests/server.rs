@@ -310,3 +310,30 @@ fn huge_and_hostile_input_does_not_kill_the_server() {
         json!({"return": 3})
     );
 }
+
+#[test]
+fn panicking_handler_is_an_error_not_a_dead_server() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("qmp.sock");
+    let mut reg = demo_registry(Arc::new(Probe::default()));
+    reg.register("x-boom", "", |_| panic!("handler bug"))
+        .unwrap();
+    let server = Server::start(reg, ServerConfig::unix(&path)).unwrap();
+    let mut c = Client::negotiated(&path);
+    assert_eq!(
+        c.cmd(json!({"execute": "x-boom", "id": 1})),
+        json!({"error": {"class": "GenericError",
+            "desc": "internal error: command x-boom failed unexpectedly"}, "id": 1})
+    );
+    // Same connection, other clients, and the dispatcher lock all still work.
+    assert_eq!(
+        c.cmd(json!({"execute": "x-add", "arguments": {"a": 1, "b": 1}})),
+        json!({"return": 2})
+    );
+    let mut d = Client::negotiated(&path);
+    assert_eq!(
+        d.cmd(json!({"execute": "x-add", "arguments": {"a": 2, "b": 2}})),
+        json!({"return": 4})
+    );
+    server.join();
+}
