@@ -102,11 +102,7 @@ fn qemu_io_sees_enospc_and_eperm() {
         s.contains("write failed") || s.contains("read-only") || s.contains("Permission"),
         "{s}"
     );
-    let s = qemu_io_unchecked(
-        "raw",
-        &format!("{}", ts.unix_url("ro")),
-        &["read -P 0 0 4k"],
-    );
+    let s = qemu_io_unchecked("raw", &ts.unix_url("ro"), &["read -P 0 0 4k"]);
     assert!(
         s.contains("Permission denied"),
         "qemu-io opens a read-only export read-write: {s}"
