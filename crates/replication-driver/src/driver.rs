@@ -1,0 +1,1038 @@
+//! The `replication` driver: options, state machine, I/O by state and mode,
+//! and the replication operations (start, checkpoint, get_error, stop).
+
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering};
+use std::sync::{Arc, Weak};
+use std::thread::{JoinHandle, ThreadId};
+use std::time::{Duration, Instant, SystemTime};
+
+use block_graph::{
+    BlockOp, BlockerGuard, Driver, Error as BlockError, ErrorKind as BlockErrorKind, Graph, Node,
+    NodeRef, OpenContext, PermPair, Perms, ReopenOpts, Result as BlockResult, Role, WriteFlags,
+};
+use parking_lot::{Condvar, Mutex, RwLock};
+use replication_core::{
+    OpError, RegistrationHandle, Registry, ReplicationMode, ReplicationOps, StateHandle,
+    StateRegistry,
+};
+use roaring::RoaringTreemap;
+
+use crate::cbw::{CbwDriver, CbwShared};
+use crate::error::{Error, ErrorKind, Result};
+use crate::state::{ReplicationState, ReplicationStatus};
+use crate::statepart::{EpochParticipant, STATE_ID, STATE_VERSION};
+
+/// Role of the hidden disk as an extra child of the filter while running.
+pub const HIDDEN_ROLE: &str = "hidden";
+/// Role of the secondary disk as an extra child of the filter while running.
+pub const SECONDARY_ROLE: &str = "secondary";
+
+/// Copy-before-write granularity (the default qcow2 and memory cluster size).
+pub(crate) const CBW_CLUSTER: u64 = 64 * 1024;
+/// Granularity of the failover commit's dirty tracking.
+const DIRTY_GRANULE: u64 = 64 * 1024;
+/// How long closing a node waits for a cancelled failover commit.
+const CLOSE_WAIT: Duration = Duration::from_secs(10);
+/// Largest chunk the failover commit copies at once.
+const COMMIT_CHUNK: u64 = 1 << 20;
+
+/// Drivers known to implement `make_empty` (block-graph has no capability
+/// query; see the crate docs).
+pub const MAKE_EMPTY_DRIVERS: [&str; 2] = ["memory", "qcow2"];
+
+/// What a running secondary holds.
+pub(crate) struct Running {
+    pub(crate) active: NodeRef,
+    pub(crate) hidden: NodeRef,
+    pub(crate) secondary: NodeRef,
+    pub(crate) cbw_node: Mutex<Option<NodeRef>>,
+    pub(crate) cbw: Arc<CbwShared>,
+    blocker: Mutex<Option<BlockerGuard>>,
+    orig_hidden_ro: bool,
+    orig_secondary_ro: bool,
+    /// Failover: granules written through the filter since the commit began.
+    dirty: Mutex<Option<RoaringTreemap>>,
+}
+
+struct Failover {
+    cancel: AtomicBool,
+    done: Mutex<bool>,
+    cv: Condvar,
+    thread: Mutex<Option<JoinHandle<()>>>,
+    thread_id: Mutex<Option<ThreadId>>,
+}
+
+/// State shared by the driver, its registry member and its state participant.
+pub(crate) struct Shared {
+    pub(crate) name: String,
+    pub(crate) mode: ReplicationMode,
+    top_id: Option<String>,
+    state: AtomicU8,
+    control: Mutex<()>,
+    run: RwLock<Option<Arc<Running>>>,
+    error: Mutex<Option<String>>,
+    self_node: Mutex<Weak<Node>>,
+    bytes_forwarded: AtomicU64,
+    forward_errors: AtomicU64,
+    pub(crate) epoch: AtomicU64,
+    last_checkpoint: Mutex<Option<(SystemTime, Duration)>>,
+    failover: Mutex<Option<Arc<Failover>>>,
+    failover_duration: Mutex<Option<Duration>>,
+    registration: Mutex<Option<RegistrationHandle>>,
+    state_handle: Mutex<Option<StateHandle>>,
+}
+
+fn eio(node: &Node, what: &str) -> BlockError {
+    BlockError::new(BlockErrorKind::Io, what.to_string()).with_node(node.name())
+}
+
+impl Shared {
+    pub(crate) fn state(&self) -> ReplicationState {
+        ReplicationState::from_u8(self.state.load(Ordering::Acquire))
+    }
+
+    fn set_state(&self, s: ReplicationState) {
+        self.state.store(s.to_u8(), Ordering::Release);
+    }
+
+    fn running(&self) -> Option<Arc<Running>> {
+        self.run.read().clone()
+    }
+
+    fn err(&self, kind: ErrorKind, msg: impl Into<String>) -> Error {
+        Error::new(kind, &self.name, msg)
+    }
+
+    fn gerr(&self, msg: impl Into<String>, e: BlockError) -> Error {
+        Error::graph(&self.name, msg, e)
+    }
+
+    fn node(&self) -> Result<NodeRef> {
+        self.self_node.lock().upgrade().ok_or_else(|| {
+            self.err(
+                ErrorKind::NotRunning,
+                "the replication node is not open (or was removed)",
+            )
+        })
+    }
+
+    fn graph_of(&self, node: &Node) -> Result<Graph> {
+        node.graph()
+            .ok_or_else(|| self.err(ErrorKind::NotRunning, "the block graph is gone"))
+    }
+
+    fn record_error(&self, msg: String) {
+        let mut e = self.error.lock();
+        if e.is_none() {
+            *e = Some(msg);
+        }
+    }
+
+    pub(crate) fn status(&self) -> ReplicationStatus {
+        let run = self.running();
+        let (at, dur) = match *self.last_checkpoint.lock() {
+            Some((a, d)) => (Some(a), Some(d)),
+            None => (None, None),
+        };
+        let bytes_forwarded = match (self.mode, &run) {
+            (ReplicationMode::Primary, _) => self.bytes_forwarded.load(Ordering::Relaxed),
+            (ReplicationMode::Secondary, Some(r)) => r.cbw.bytes_written.load(Ordering::Relaxed),
+            (ReplicationMode::Secondary, None) => self.bytes_forwarded.load(Ordering::Relaxed),
+        };
+        ReplicationStatus {
+            node_name: self.name.clone(),
+            mode: self.mode,
+            state: self.state(),
+            error: self.error.lock().clone(),
+            bytes_forwarded,
+            forward_errors: self.forward_errors.load(Ordering::Relaxed),
+            clusters_copied_since_checkpoint: run
+                .as_ref()
+                .map(|r| r.cbw.tracker.epoch_copies())
+                .unwrap_or(0),
+            checkpoint_epoch: self.epoch.load(Ordering::Relaxed),
+            last_checkpoint_at: at,
+            last_checkpoint_duration: dur,
+            failover_duration: *self.failover_duration.lock(),
+        }
+    }
+
+    // ------------------------------------------------------------------ start
+
+    pub(crate) fn start(self: &Arc<Self>, mode: ReplicationMode) -> Result<()> {
+        let _c = self.control.lock();
+        match self.state() {
+            // A failover promoted this node: the survivor may join a new pair.
+            ReplicationState::Failover | ReplicationState::Done => return Ok(()),
+            ReplicationState::None => {}
+            other => {
+                return Err(self.err(
+                    ErrorKind::AlreadyStarted,
+                    format!("Block replication is running or done (state {other})"),
+                ))
+            }
+        }
+        if mode != self.mode {
+            return Err(self.err(
+                ErrorKind::ModeMismatch,
+                format!(
+                    "The parameter mode's value is invalid, needs {}, but got {mode}",
+                    self.mode
+                ),
+            ));
+        }
+        match self.mode {
+            ReplicationMode::Primary => {}
+            ReplicationMode::Secondary => {
+                let run = self.start_secondary()?;
+                *self.run.write() = Some(run.clone());
+                self.set_state(ReplicationState::Running);
+                if let Err(e) = self.secondary_checkpoint(&run) {
+                    self.set_state(ReplicationState::None);
+                    *self.run.write() = None;
+                    self.teardown(&run, true);
+                    return Err(e);
+                }
+            }
+        }
+        *self.error.lock() = None;
+        self.bytes_forwarded.store(0, Ordering::Relaxed);
+        self.forward_errors.store(0, Ordering::Relaxed);
+        self.epoch.store(0, Ordering::Relaxed);
+        *self.last_checkpoint.lock() = None;
+        self.set_state(ReplicationState::Running);
+        Ok(())
+    }
+
+    fn start_secondary(self: &Arc<Self>) -> Result<Arc<Running>> {
+        let node = self.node()?;
+        let graph = self.graph_of(&node)?;
+        let active = node.file().ok_or_else(|| {
+            self.err(ErrorKind::BadChain, "Active disk doesn't have backing file (the filter has no file child)")
+        })?;
+        let hidden = active.backing().ok_or_else(|| {
+            self.err(
+                ErrorKind::BadChain,
+                format!("Active disk '{}' doesn't have backing file", active.name()),
+            )
+        })?;
+        let secondary = hidden.backing().ok_or_else(|| {
+            self.err(
+                ErrorKind::BadChain,
+                format!("Hidden disk '{}' doesn't have backing file", hidden.name()),
+            )
+        })?;
+        if !secondary.has_backend() {
+            return Err(self.err(
+                ErrorKind::BadChain,
+                format!(
+                    "The secondary disk '{}' doesn't have block backend (it must be exported to the primary)",
+                    secondary.name()
+                ),
+            ));
+        }
+        let (la, lh, ls) = (active.len(), hidden.len(), secondary.len());
+        if la != lh || lh != ls {
+            return Err(self.err(
+                ErrorKind::BadChain,
+                format!(
+                    "active disk, hidden disk, secondary disk's length are not the same \
+                     ('{}' {la}, '{}' {lh}, '{}' {ls} bytes)",
+                    active.name(),
+                    hidden.name(),
+                    secondary.name()
+                ),
+            ));
+        }
+        for d in [&active, &hidden] {
+            if !MAKE_EMPTY_DRIVERS.contains(&d.driver_name()) {
+                return Err(self.err(
+                    ErrorKind::BadChain,
+                    format!(
+                        "active disk or hidden disk doesn't support make_empty ('{}' has driver '{}')",
+                        d.name(),
+                        d.driver_name()
+                    ),
+                ));
+            }
+        }
+
+        // Reopen hidden and secondary read-write.
+        let orig_hidden_ro = hidden.is_read_only();
+        let orig_secondary_ro = secondary.is_read_only();
+        let mut queue = Vec::new();
+        if orig_hidden_ro {
+            queue.push((hidden.clone(), ReopenOpts { read_only: false }));
+        }
+        if orig_secondary_ro {
+            queue.push((secondary.clone(), ReopenOpts { read_only: false }));
+        }
+        if !queue.is_empty() {
+            graph.reopen(&queue).map_err(|e| {
+                self.gerr("cannot reopen the hidden and secondary disks read-write", e)
+            })?;
+        }
+        let restore_flags = || {
+            let mut q = Vec::new();
+            if orig_hidden_ro {
+                q.push((hidden.clone(), ReopenOpts { read_only: true }));
+            }
+            if orig_secondary_ro {
+                q.push((secondary.clone(), ReopenOpts { read_only: true }));
+            }
+            if !q.is_empty() {
+                let _ = graph.reopen(&q);
+            }
+        };
+
+        // top-id: exists, is a root node, reaches this filter.
+        let top_id = self.top_id.clone().unwrap_or_default();
+        let top = match self.check_top(&graph, &node, &top_id) {
+            Ok(t) => t,
+            Err(e) => {
+                restore_flags();
+                return Err(e);
+            }
+        };
+
+        let blocker = top.block_all(format!(
+            "node '{}' is in use by replication (filter '{}', internal backup job)",
+            top.name(),
+            self.name
+        ));
+        blocker.unblock(BlockOp::DataplaneStart);
+        blocker.unblock(BlockOp::DriveDel);
+
+        // The internal backup job: a copy-before-write filter above the
+        // secondary disk, copying into the hidden disk.
+        let cbw = CbwShared::new(secondary.len(), CBW_CLUSTER, &hidden);
+        let driver_name = format!("x-replication-cbw:{}", self.name);
+        {
+            let cbw = cbw.clone();
+            graph.register_driver(&driver_name, move |ctx: &mut OpenContext<'_>| {
+                CbwDriver::open(ctx, cbw.clone())
+            });
+        }
+        let cbw_node = match graph.add_node(&serde_json::json!({
+            "driver": driver_name,
+            "file": secondary.name(),
+        })) {
+            Ok(n) => n,
+            Err(e) => {
+                drop(blocker);
+                restore_flags();
+                return Err(self.gerr("cannot start the backup job", e));
+            }
+        };
+        if let Err(e) = graph.insert_filter_above(&secondary, &cbw_node) {
+            let _ = graph.remove_node(cbw_node.name());
+            drop(blocker);
+            restore_flags();
+            return Err(self.gerr("cannot start the backup job", e));
+        }
+
+        let run = Arc::new(Running {
+            active,
+            hidden,
+            secondary,
+            cbw_node: Mutex::new(Some(cbw_node)),
+            cbw,
+            blocker: Mutex::new(Some(blocker)),
+            orig_hidden_ro,
+            orig_secondary_ro,
+            dirty: Mutex::new(None),
+        });
+
+        // Hold hidden and secondary disks as extra children.
+        for (role, child) in [(HIDDEN_ROLE, &run.hidden), (SECONDARY_ROLE, &run.secondary)] {
+            if let Err(e) = graph.attach_child(&node, Role::Named(role.into()), child) {
+                self.teardown(&run, true);
+                return Err(self.gerr(format!("cannot hold the {role} disk"), e));
+            }
+        }
+        Ok(run)
+    }
+
+    fn check_top(&self, graph: &Graph, node: &NodeRef, top_id: &str) -> Result<NodeRef> {
+        let top = graph.node(top_id).map_err(|e| {
+            Error::graph(&self.name, format!("top-id '{top_id}': no such node"), e)
+                .with_kind(ErrorKind::TopId)
+        })?;
+        let parents = top.parents();
+        if let Some((p, role)) = parents.first() {
+            return Err(self.err(
+                ErrorKind::TopId,
+                format!(
+                    "top-id '{top_id}' is not a root node: it is the '{role}' child of '{}'",
+                    p.name()
+                ),
+            ));
+        }
+        if !top.reaches(node) {
+            return Err(self.err(
+                ErrorKind::TopId,
+                format!("top-id '{top_id}' does not reach the replication node"),
+            ));
+        }
+        Ok(top)
+    }
+
+    /// Undo what start did: extra children, backup job, blockers, flags.
+    /// With `restore_secondary` the secondary disk's read-only flag is
+    /// restored too (not after a failover, where it became the active layer).
+    fn teardown(&self, run: &Running, restore_secondary: bool) {
+        if let Ok(node) = self.node() {
+            if let Some(graph) = node.graph() {
+                for role in [HIDDEN_ROLE, SECONDARY_ROLE] {
+                    let r = Role::Named(role.into());
+                    if node.child(&r).is_some() {
+                        let _ = graph.detach_child(&node, &r);
+                    }
+                }
+            }
+        }
+        self.cancel_backup(run);
+        run.blocker.lock().take();
+        let mut q = Vec::new();
+        if run.orig_hidden_ro && !run.hidden.is_removed() {
+            q.push((run.hidden.clone(), ReopenOpts { read_only: true }));
+        }
+        if restore_secondary && run.orig_secondary_ro && !run.secondary.is_removed() {
+            q.push((run.secondary.clone(), ReopenOpts { read_only: true }));
+        }
+        if let Some(g) = run.hidden.graph() {
+            for item in q {
+                // Best effort, as QEMU: a writer (the NBD export) may keep
+                // the secondary disk writable.
+                let _ = g.reopen(std::slice::from_ref(&item));
+            }
+        }
+    }
+
+    fn cancel_backup(&self, run: &Running) {
+        run.cbw.active.store(false, Ordering::Release);
+        if let Some(cbw) = run.cbw_node.lock().take() {
+            if let Some(g) = cbw.graph() {
+                if !cbw.is_removed() {
+                    let _ = g.remove_filter(&cbw);
+                }
+            }
+        }
+    }
+
+    // ------------------------------------------------------------- checkpoint
+
+    fn secondary_checkpoint(&self, run: &Running) -> Result<()> {
+        let t0 = Instant::now();
+        let cbw = run.cbw_node.lock().clone();
+        let cbw = match cbw {
+            Some(c) if !c.is_removed() && run.cbw.active.load(Ordering::Acquire) => c,
+            _ => {
+                let msg = "Backup job was cancelled unexpectedly".to_string();
+                self.record_error(msg.clone());
+                return Err(self.err(ErrorKind::BackupCancelled, msg));
+            }
+        };
+        let graph = cbw
+            .graph()
+            .ok_or_else(|| self.err(ErrorKind::NotRunning, "the block graph is gone"))?;
+        let _d = graph.drain(&[cbw]);
+        run.cbw.tracker.checkpoint();
+        run.active
+            .make_empty()
+            .map_err(|e| self.gerr("Cannot make active disk empty", e))?;
+        run.hidden
+            .make_empty()
+            .map_err(|e| self.gerr("Cannot make hidden disk empty", e))?;
+        *self.last_checkpoint.lock() = Some((SystemTime::now(), t0.elapsed()));
+        Ok(())
+    }
+
+    pub(crate) fn checkpoint(&self) -> Result<()> {
+        let _c = self.control.lock();
+        match (self.state(), self.mode) {
+            (ReplicationState::Failover | ReplicationState::Done, _) => return Ok(()),
+            (ReplicationState::None, ReplicationMode::Primary) => return Ok(()),
+            (ReplicationState::None, ReplicationMode::Secondary) => {
+                return Err(self.err(
+                    ErrorKind::NotRunning,
+                    "Block replication is not running (checkpoint before start)",
+                ))
+            }
+            (ReplicationState::FailoverFailed, _) => {
+                return Err(self.err(
+                    ErrorKind::NotRunning,
+                    "the failover failed; there is no backup job to checkpoint",
+                ))
+            }
+            (ReplicationState::Running, ReplicationMode::Primary) => {
+                *self.last_checkpoint.lock() = Some((SystemTime::now(), Duration::ZERO));
+            }
+            (ReplicationState::Running, ReplicationMode::Secondary) => {
+                let run = self
+                    .running()
+                    .ok_or_else(|| self.err(ErrorKind::NotRunning, "no running state"))?;
+                self.secondary_checkpoint(&run)?;
+            }
+        }
+        self.epoch.fetch_add(1, Ordering::AcqRel);
+        Ok(())
+    }
+
+    // -------------------------------------------------------------- get_error
+
+    pub(crate) fn get_error(&self) -> Result<()> {
+        if self.state() == ReplicationState::None {
+            return Err(self.err(ErrorKind::NotRunning, "Block replication is not running"));
+        }
+        if let Some(e) = self.error.lock().clone() {
+            return Err(self.err(ErrorKind::IoError, format!("I/O error occurred: {e}")));
+        }
+        Ok(())
+    }
+
+    // ------------------------------------------------------------------- stop
+
+    pub(crate) fn stop(self: &Arc<Self>, failover: bool) -> Result<()> {
+        let _c = self.control.lock();
+        match self.state() {
+            ReplicationState::Failover | ReplicationState::Done => return Ok(()),
+            ReplicationState::Running => {}
+            other => {
+                return Err(self.err(
+                    ErrorKind::NotRunning,
+                    format!("Block replication is not running (state {other})"),
+                ))
+            }
+        }
+        match self.mode {
+            ReplicationMode::Primary => {
+                self.set_state(ReplicationState::Done);
+                *self.error.lock() = None;
+                Ok(())
+            }
+            ReplicationMode::Secondary if !failover => self.stop_secondary(),
+            ReplicationMode::Secondary => self.start_failover(),
+        }
+    }
+
+    fn stop_secondary(&self) -> Result<()> {
+        let run = self
+            .running()
+            .ok_or_else(|| self.err(ErrorKind::NotRunning, "no running state"))?;
+        self.cancel_backup(&run);
+        let r = run
+            .active
+            .make_empty()
+            .map_err(|e| self.gerr("Cannot make active disk empty", e))
+            .and_then(|()| {
+                run.hidden
+                    .make_empty()
+                    .map_err(|e| self.gerr("Cannot make hidden disk empty", e))
+            });
+        self.set_state(ReplicationState::Done);
+        self.teardown(&run, true);
+        *self.run.write() = None;
+        r
+    }
+
+    fn start_failover(self: &Arc<Self>) -> Result<()> {
+        let run = self
+            .running()
+            .ok_or_else(|| self.err(ErrorKind::NotRunning, "no running state"))?;
+        let node = self.node()?;
+        let graph = self.graph_of(&node)?;
+        {
+            let _d = graph.drain(&[node.clone()]);
+            *run.dirty.lock() = Some(RoaringTreemap::new());
+            self.set_state(ReplicationState::Failover);
+        }
+        self.cancel_backup(&run);
+        let fo = Arc::new(Failover {
+            cancel: AtomicBool::new(false),
+            done: Mutex::new(false),
+            cv: Condvar::new(),
+            thread: Mutex::new(None),
+            thread_id: Mutex::new(None),
+        });
+        *self.failover.lock() = Some(fo.clone());
+        let shared = self.clone();
+        let weak = Arc::downgrade(&node);
+        drop(node);
+        let fo2 = fo.clone();
+        let t0 = Instant::now();
+        let handle = std::thread::Builder::new()
+            .name(format!("failover-{}", self.name))
+            .spawn(move || {
+                let r = commit(&run, &weak, &graph, &fo2);
+                shared.failover_done(&run, &weak, &graph, r, t0.elapsed());
+                *fo2.done.lock() = true;
+                fo2.cv.notify_all();
+            })
+            .map_err(|e| {
+                self.err(
+                    ErrorKind::Graph,
+                    format!("cannot start the failover commit: {e}"),
+                )
+            })?;
+        *fo.thread_id.lock() = Some(handle.thread().id());
+        *fo.thread.lock() = Some(handle);
+        Ok(())
+    }
+
+    fn failover_done(
+        &self,
+        run: &Arc<Running>,
+        node: &Weak<Node>,
+        graph: &Graph,
+        r: BlockResult<()>,
+        took: Duration,
+    ) {
+        let _c = self.control.lock();
+        *self.failover_duration.lock() = Some(took);
+        *run.dirty.lock() = None;
+        match r {
+            Ok(()) => {
+                self.set_state(ReplicationState::Done);
+                *self.error.lock() = None;
+                if let Some(node) = node.upgrade() {
+                    for role in [HIDDEN_ROLE, SECONDARY_ROLE] {
+                        let _ = graph.detach_child(&node, &Role::Named(role.into()));
+                    }
+                }
+                self.teardown(run, false);
+                *self.run.write() = None;
+            }
+            Err(e) => {
+                *self.error.lock() = Some(format!("failover commit failed: {e}"));
+                self.set_state(ReplicationState::FailoverFailed);
+            }
+        }
+    }
+
+    /// Waits until no failover commit is running; false on timeout.
+    pub(crate) fn wait_failover(&self, timeout: Duration) -> bool {
+        let fo = self.failover.lock().clone();
+        let Some(fo) = fo else { return true };
+        let deadline = Instant::now() + timeout;
+        let mut done = fo.done.lock();
+        while !*done {
+            if fo.cv.wait_until(&mut done, deadline).timed_out() {
+                return *done;
+            }
+        }
+        true
+    }
+
+    // ------------------------------------------------------------------ close
+
+    fn close(&self) {
+        match self.state() {
+            ReplicationState::Running => {
+                let _c = self.control.lock();
+                if self.state() == ReplicationState::Running {
+                    match self.mode {
+                        ReplicationMode::Primary => self.set_state(ReplicationState::Done),
+                        ReplicationMode::Secondary => {
+                            let _ = self.stop_secondary();
+                        }
+                    }
+                }
+            }
+            ReplicationState::Failover => {
+                let fo = self.failover.lock().clone();
+                if let Some(fo) = fo {
+                    fo.cancel.store(true, Ordering::Release);
+                    let on_thread = *fo.thread_id.lock() == Some(std::thread::current().id());
+                    if !on_thread {
+                        // Close may run with the graph lock held (node
+                        // removal) while the commit waits for that lock to
+                        // drain or swap: wait, but never forever.
+                        let mut done = fo.done.lock();
+                        let deadline = Instant::now() + CLOSE_WAIT;
+                        while !*done && !fo.cv.wait_until(&mut done, deadline).timed_out() {}
+                    }
+                }
+            }
+            _ => {}
+        }
+        if let Some(run) = self.run.write().take() {
+            run.blocker.lock().take();
+        }
+        self.registration.lock().take();
+        self.state_handle.lock().take();
+    }
+
+    // ------------------------------------------------------------------ I/O
+
+    fn mark_dirty(run: &Running, offset: u64, len: u64) {
+        if let Some(d) = run.dirty.lock().as_mut() {
+            d.insert_range(offset / DIRTY_GRANULE..(offset + len).div_ceil(DIRTY_GRANULE));
+        }
+    }
+}
+
+/// The failover's active commit: copy everything active and hidden hold into
+/// the secondary disk while the guest keeps writing (tracked as dirty), then,
+/// drained, copy what is left and make the secondary disk the filter's file
+/// child.
+fn commit(run: &Running, node: &Weak<Node>, graph: &Graph, fo: &Failover) -> BlockResult<()> {
+    let cancelled = || {
+        if fo.cancel.load(Ordering::Acquire) {
+            Err(BlockError::new(BlockErrorKind::Cancelled, "failover commit cancelled"))
+        } else {
+            Ok(())
+        }
+    };
+    let len = run.active.len();
+    let mut off = 0;
+    while off < len {
+        cancelled()?;
+        let want = (len - off).min(64 * COMMIT_CHUNK);
+        let (alloc, n) = graph.is_allocated_above(&run.active, Some(&run.secondary), off, want)?;
+        if alloc {
+            copy_range(run, off, n)?;
+        }
+        off += n;
+    }
+    for _ in 0..16 {
+        cancelled()?;
+        let d = take_dirty(run);
+        if d.is_empty() {
+            break;
+        }
+        copy_granules(run, &d, len)?;
+    }
+    cancelled()?;
+    let filter = node
+        .upgrade()
+        .ok_or_else(|| BlockError::new(BlockErrorKind::Cancelled, "the replication node is gone"))?;
+    let _d = graph.drain(&[filter]);
+    let d = take_dirty(run);
+    copy_granules(run, &d, len)?;
+    cancelled()?;
+    run.secondary.flush()?;
+    graph.replace_node(&run.active, &run.secondary)
+}
+
+fn take_dirty(run: &Running) -> RoaringTreemap {
+    run.dirty
+        .lock()
+        .as_mut()
+        .map(std::mem::take)
+        .unwrap_or_default()
+}
+
+fn copy_granules(run: &Running, d: &RoaringTreemap, len: u64) -> BlockResult<()> {
+    let mut it = d.iter().peekable();
+    while let Some(first) = it.next() {
+        let mut last = first;
+        while it.peek() == Some(&(last + 1)) {
+            last += 1;
+            it.next();
+        }
+        let start = first * DIRTY_GRANULE;
+        let end = ((last + 1) * DIRTY_GRANULE).min(len);
+        if start < end {
+            copy_range(run, start, end - start)?;
+        }
+    }
+    Ok(())
+}
+
+fn copy_range(run: &Running, offset: u64, len: u64) -> BlockResult<()> {
+    let mut buf = vec![0u8; len.min(COMMIT_CHUNK) as usize];
+    let mut done = 0;
+    while done < len {
+        let n = (len - done).min(COMMIT_CHUNK) as usize;
+        run.active.read(offset + done, &mut buf[..n])?;
+        run.secondary
+            .write(offset + done, &buf[..n], WriteFlags::default())?;
+        done += n as u64;
+    }
+    Ok(())
+}
+
+/// The `replication` block driver (a filter). Open it with
+/// `{"driver": "replication", "mode": "primary"|"secondary", "top-id": ..., "file": ...}`
+/// after [`crate::register`]; reach its operations with
+/// [`crate::Replication::of`].
+pub struct ReplicationDriver {
+    pub(crate) shared: Arc<Shared>,
+}
+
+struct Member(Arc<Shared>);
+
+impl ReplicationOps for Member {
+    fn name(&self) -> String {
+        self.0.name.clone()
+    }
+    fn start(&self, mode: ReplicationMode) -> std::result::Result<(), OpError> {
+        self.0.start(mode).map_err(|e| Box::new(e) as OpError)
+    }
+    fn checkpoint(&self) -> std::result::Result<(), OpError> {
+        self.0.checkpoint().map_err(|e| Box::new(e) as OpError)
+    }
+    fn get_error(&self) -> std::result::Result<(), OpError> {
+        self.0.get_error().map_err(|e| Box::new(e) as OpError)
+    }
+    fn stop(&self, failover: bool) -> std::result::Result<(), OpError> {
+        self.0.stop(failover).map_err(|e| Box::new(e) as OpError)
+    }
+}
+
+impl ReplicationDriver {
+    /// The factory registered by [`crate::register`].
+    pub(crate) fn open(
+        ctx: &mut OpenContext<'_>,
+        registry: Option<&Registry>,
+        states: Option<&StateRegistry>,
+    ) -> BlockResult<Box<dyn Driver>> {
+        let name = ctx.node_name().to_string();
+        let o = ctx.options();
+        let mode = match o.take_value("mode") {
+            None => {
+                return Err(BlockError::invalid(
+                    "Missing the option mode (allowed values: 'primary', 'secondary')",
+                ))
+            }
+            Some(serde_json::Value::String(s)) if s == "primary" => ReplicationMode::Primary,
+            Some(serde_json::Value::String(s)) if s == "secondary" => ReplicationMode::Secondary,
+            Some(v) => {
+                return Err(BlockError::invalid(format!(
+                    "The option mode's value should be primary or secondary, got {v}"
+                )))
+            }
+        };
+        let top_id = o.take_str("top-id")?;
+        match (mode, &top_id) {
+            (ReplicationMode::Primary, Some(_)) => {
+                return Err(BlockError::invalid(
+                    "The primary side does not support option top-id",
+                ))
+            }
+            (ReplicationMode::Secondary, None) => {
+                return Err(BlockError::invalid("Missing the option top-id"))
+            }
+            _ => {}
+        }
+        ctx.open_child("file", Role::File, true)?;
+        let shared = Arc::new(Shared {
+            name,
+            mode,
+            top_id,
+            state: AtomicU8::new(ReplicationState::None.to_u8()),
+            control: Mutex::new(()),
+            run: RwLock::new(None),
+            error: Mutex::new(None),
+            self_node: Mutex::new(Weak::new()),
+            bytes_forwarded: AtomicU64::new(0),
+            forward_errors: AtomicU64::new(0),
+            epoch: AtomicU64::new(0),
+            last_checkpoint: Mutex::new(None),
+            failover: Mutex::new(None),
+            failover_duration: Mutex::new(None),
+            registration: Mutex::new(None),
+            state_handle: Mutex::new(None),
+        });
+        if let Some(reg) = registry {
+            *shared.registration.lock() = Some(reg.register(Arc::new(Member(shared.clone()))));
+        }
+        if let Some(states) = states {
+            let h = states
+                .register(
+                    STATE_ID,
+                    None,
+                    STATE_VERSION,
+                    Arc::new(EpochParticipant::new(&shared)),
+                )
+                .map_err(|e| {
+                    BlockError::invalid(format!("cannot register checkpoint state: {e}"))
+                })?;
+            *shared.state_handle.lock() = Some(h);
+        }
+        Ok(Box::new(ReplicationDriver { shared }))
+    }
+
+    fn file(node: &Node) -> BlockResult<NodeRef> {
+        node.file().ok_or_else(|| {
+            BlockError::new(BlockErrorKind::NotFound, "the replication filter has no file child")
+                .with_node(node.name())
+        })
+    }
+
+    /// Remembers our own node (the graph gives drivers `&Node` only): it is
+    /// the parent of our file child with our address.
+    fn learn_self(&self, node: &Node) {
+        let mut slot = self.shared.self_node.lock();
+        if slot.upgrade().is_some() {
+            return;
+        }
+        for (_, child) in node.children() {
+            for (p, _) in child.parents() {
+                if std::ptr::eq(Arc::as_ptr(&p), node) {
+                    *slot = Arc::downgrade(&p);
+                    return;
+                }
+            }
+        }
+    }
+
+    fn write_failover_failed(
+        &self,
+        node: &Node,
+        run: &Running,
+        offset: u64,
+        buf: &[u8],
+        flags: WriteFlags,
+    ) -> BlockResult<()> {
+        let graph = node
+            .graph()
+            .ok_or_else(|| eio(node, "the block graph is gone"))?;
+        let mut done = 0u64;
+        let len = buf.len() as u64;
+        while done < len {
+            let (alloc, n) = graph.is_allocated_above(
+                &run.active,
+                Some(&run.secondary),
+                offset + done,
+                len - done,
+            )?;
+            let target = if alloc { &run.active } else { &run.secondary };
+            target.write(
+                offset + done,
+                &buf[done as usize..(done + n) as usize],
+                flags,
+            )?;
+            done += n;
+        }
+        Ok(())
+    }
+}
+
+impl Drop for ReplicationDriver {
+    fn drop(&mut self) {
+        self.shared.registration.lock().take();
+        self.shared.state_handle.lock().take();
+    }
+}
+
+impl Driver for ReplicationDriver {
+    fn format_name(&self) -> &str {
+        "replication"
+    }
+
+    fn length(&self, node: &Node) -> BlockResult<u64> {
+        self.learn_self(node);
+        Ok(Self::file(node)?.len())
+    }
+
+    fn read(&self, node: &Node, offset: u64, buf: &mut [u8]) -> BlockResult<()> {
+        let s = &self.shared;
+        if s.mode == ReplicationMode::Primary {
+            return Err(eio(node, "the primary replication filter only forwards writes"));
+        }
+        if s.state() == ReplicationState::None {
+            return Err(eio(node, "replication is not started"));
+        }
+        let file = Self::file(node)?;
+        match s.running() {
+            Some(run) if run.cbw.active.load(Ordering::Acquire) => {
+                let _g = run.cbw.tracker.read_lock(offset, buf.len() as u64);
+                file.read(offset, buf)
+            }
+            _ => file.read(offset, buf),
+        }
+    }
+
+    fn write(&self, node: &Node, offset: u64, buf: &[u8], flags: WriteFlags) -> BlockResult<()> {
+        let s = &self.shared;
+        let state = s.state();
+        match (s.mode, state) {
+            (_, ReplicationState::None) => Err(eio(node, "replication is not started")),
+            (ReplicationMode::Primary, ReplicationState::Running) => {
+                match Self::file(node).and_then(|f| f.write(offset, buf, flags)) {
+                    Ok(()) => {
+                        s.bytes_forwarded
+                            .fetch_add(buf.len() as u64, Ordering::Relaxed);
+                    }
+                    Err(e) => {
+                        s.forward_errors.fetch_add(1, Ordering::Relaxed);
+                        s.record_error(e.to_string());
+                    }
+                }
+                Ok(())
+            }
+            (ReplicationMode::Primary, other) => Err(eio(
+                node,
+                &format!("the primary replication filter is in state {other}"),
+            )),
+            (ReplicationMode::Secondary, ReplicationState::FailoverFailed) => {
+                match s.running() {
+                    Some(run) => self.write_failover_failed(node, &run, offset, buf, flags),
+                    None => Self::file(node)?.write(offset, buf, flags),
+                }
+            }
+            (ReplicationMode::Secondary, _) => {
+                let file = Self::file(node)?;
+                match s.running() {
+                    Some(run) => {
+                        // The write may copy the rest of a cluster from the
+                        // backing chain: read-lock it like a read.
+                        let _g = run
+                            .cbw
+                            .active
+                            .load(Ordering::Acquire)
+                            .then(|| run.cbw.tracker.read_lock(offset, buf.len() as u64));
+                        file.write(offset, buf, flags)?;
+                        Shared::mark_dirty(&run, offset, buf.len() as u64);
+                        Ok(())
+                    }
+                    None => file.write(offset, buf, flags),
+                }
+            }
+        }
+    }
+
+    fn flush(&self, node: &Node) -> BlockResult<()> {
+        let s = &self.shared;
+        match (s.mode, s.state()) {
+            (ReplicationMode::Primary, ReplicationState::Running) => {
+                if let Err(e) = Self::file(node).and_then(|f| f.flush()) {
+                    s.forward_errors.fetch_add(1, Ordering::Relaxed);
+                    s.record_error(e.to_string());
+                }
+                Ok(())
+            }
+            (ReplicationMode::Primary, _) => Ok(()),
+            (ReplicationMode::Secondary, _) => Self::file(node)?.flush(),
+        }
+    }
+
+    fn is_filter(&self) -> bool {
+        true
+    }
+
+    fn close(&self, node: &Node) {
+        let _ = node;
+        self.shared.close();
+    }
+
+    fn child_perms(&self, role: &Role, read_only: bool) -> PermPair {
+        match role {
+            Role::Named(_) => PermPair {
+                perm: if read_only {
+                    Perms::CONSISTENT_READ
+                } else {
+                    Perms::CONSISTENT_READ | Perms::WRITE
+                },
+                shared: Perms::ALL,
+            },
+            _ => block_graph::default_child_perms(true, role, read_only),
+        }
+    }
+
+    fn accepts_child(&self, role: &Role) -> bool {
+        matches!(role, Role::Named(n) if n == HIDDEN_ROLE || n == SECONDARY_ROLE)
+    }
+}

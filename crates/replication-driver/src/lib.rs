@@ -1,0 +1,199 @@
+//! The COLO `replication` block filter (QEMU's `block/replication.c`), its
+//! state machine, its registration with `replication-core`, and helpers that
+//! build the primary and secondary stacks.
+//!
+//! # Use
+//!
+//! [`register`] adds the `replication` driver to a [`block_graph::Graph`]; every
+//! node opened with it joins the given [`replication_core::Registry`] (member
+//! name = node-name) so `start_all` / `checkpoint_all` / `get_error_all` /
+//! `stop_all` drive it, and, when given, the checkpoint
+//! [`replication_core::StateRegistry`] (see [`statepart`]). [`Replication::of`]
+//! gives the operations and the status of one node.
+//!
+//! Options: `mode` = `primary` | `secondary` (anything else is refused with
+//! the allowed values); `top-id` (required in secondary mode, refused in
+//! primary mode with "The primary side does not support option top-id");
+//! `file` (the child: the active disk on the secondary, the NBD client on the
+//! primary).
+//!
+//! ```
+//! use block_graph::{Graph, PermPair, WriteFlags};
+//! use replication_core::{Registry, ReplicationMode};
+//! use replication_driver::{build_secondary_stack, register, Replication, SecondaryStackOptions};
+//! use serde_json::json;
+//!
+//! let graph = Graph::new();
+//! let registry = Registry::new();
+//! register(&graph, &registry, None);
+//! let disk = graph.add_node(&json!({"driver": "memory", "node-name": "disk", "size": 1 << 20})).unwrap();
+//! let export = graph.new_backend(&disk, PermPair::READ_WRITE).unwrap(); // the NBD export
+//! let stack = build_secondary_stack(&graph, &SecondaryStackOptions::memory("sec", "disk")).unwrap();
+//! registry.start_all(ReplicationMode::Secondary).unwrap();
+//! export.write(0, &[0x22; 4096], WriteFlags::default()).unwrap(); // a forwarded write
+//! let mut buf = [0u8; 4096];
+//! stack.filter.read(0, &mut buf).unwrap();
+//! assert_eq!(buf, [0u8; 4096]); // the secondary guest still sees the checkpoint
+//! registry.checkpoint_all().unwrap();
+//! stack.filter.read(0, &mut buf).unwrap();
+//! assert_eq!(buf, [0x22; 4096]);
+//! let repl = Replication::of(&stack.filter).unwrap();
+//! assert_eq!(repl.status().checkpoint_epoch, 1);
+//! registry.stop_all(false).unwrap();
+//! ```
+//!
+//! # Behaviour
+//!
+//! As `DESIGN.md` ("The replication filter") says, plus what QEMU fixed after
+//! the 2016 seed:
+//!
+//! * `top-id` must name a root node (no parent nodes; backends are fine)
+//!   whose subtree contains the filter.
+//! * Once a failover promoted the secondary (state FAILOVER or DONE), start,
+//!   checkpoint and stop are accepted and do nothing, so the survivor can take
+//!   part in a new replication pair (QEMU ignores them on any DONE node, and
+//!   so do we).
+//! * Closing the node while RUNNING stops without failover; closing it during
+//!   FAILOVER cancels the commit and waits for it.
+//! * The backup job is internal (not listed, not cancellable by users) and
+//!   a copy-before-write error fails the forwarded write that triggered it.
+//! * The hidden and secondary disks are held as extra children
+//!   ([`HIDDEN_ROLE`], [`SECONDARY_ROLE`]) while running.
+//! * Every operation on the `top-id` node is blocked while running, with a
+//!   reason saying it is in use by replication, except `dataplane-start` and
+//!   `drive-del` (deleting the top closes the filter, which stops replication
+//!   without failover); the blockers are lifted when the replication is
+//!   stopped or a failover completed (not after a failed failover: active and
+//!   hidden are still in the path then).
+//!
+//! # Decisions where QEMU is inconsistent
+//!
+//! * `stop(failover=false)` on the secondary cancels the backup job, empties
+//!   the active and hidden disks (the buffers of the last checkpoint are
+//!   dropped), reaches DONE and returns success. QEMU 7.2 returns "Backup job
+//!   was cancelled unexpectedly" and keeps the buffers.
+//! * `get_error` during a healthy failover is not an error (QEMU reports "I/O
+//!   error occurred" until the merge ends); [`Replication::state`] says
+//!   FAILOVER. After a failed failover `get_error` reports the commit error.
+//! * A checkpoint before start is an error on the secondary ("not running")
+//!   and a no-op on the primary.
+//! * `get_error` is an error before start on both sides ("not running").
+//!
+//! # Differences from QEMU's structure
+//!
+//! * The backup job is not a `block-jobs` job but a private copy-before-write
+//!   filter node (driver `x-replication-cbw:<node-name>`) inserted above the
+//!   secondary disk: block-jobs had no backup job when this crate was written.
+//!   Its behaviour is the sync=none backup's: once per 64 KiB cluster per
+//!   checkpoint, failures fail the triggering write, readers wait for copies
+//!   in flight and hold off new ones.
+//! * The failover commit is likewise private: it copies what active and
+//!   hidden hold into the secondary disk while the guest keeps writing
+//!   (tracked in 64 KiB granules), then copies the rest in a drained section
+//!   and makes the secondary disk the filter's file child.
+//! * block-graph has no way to ask a driver whether it implements
+//!   `make_empty`; drivers in [`MAKE_EMPTY_DRIVERS`] are accepted as active
+//!   and hidden disks.
+
+mod cbw;
+mod driver;
+mod error;
+mod stack;
+mod state;
+pub mod statepart;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use block_graph::{Graph, Node, OpenContext};
+use replication_core::{Registry, ReplicationMode, StateRegistry};
+
+pub use driver::{ReplicationDriver, HIDDEN_ROLE, MAKE_EMPTY_DRIVERS, SECONDARY_ROLE};
+pub use error::{Error, ErrorKind, Result};
+pub use stack::{
+    build_primary_stack, build_secondary_stack, PrimaryStack, PrimaryStackOptions,
+    SecondaryStack, SecondaryStackOptions,
+};
+pub use state::{ReplicationState, ReplicationStatus};
+
+/// Registers the `replication` driver with `graph`. Nodes opened with it
+/// join `registry` and, if given, the checkpoint state registry `states`.
+pub fn register(graph: &Graph, registry: &Registry, states: Option<&StateRegistry>) {
+    let registry = registry.clone();
+    let states = states.cloned();
+    graph.register_driver("replication", move |ctx: &mut OpenContext<'_>| {
+        ReplicationDriver::open(ctx, Some(&registry), states.as_ref())
+    });
+}
+
+/// A handle on one replication filter node: its operations (as the registry
+/// calls them) and its status.
+#[derive(Clone)]
+pub struct Replication {
+    shared: Arc<driver::Shared>,
+}
+
+impl std::fmt::Debug for Replication {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Replication")
+            .field("node", &self.shared.name)
+            .field("mode", &self.shared.mode)
+            .field("state", &self.shared.state())
+            .finish()
+    }
+}
+
+impl Replication {
+    /// The handle of `node`, if it is a `replication` node.
+    pub fn of(node: &Node) -> Option<Replication> {
+        node.driver_as::<ReplicationDriver>().map(|d| Replication {
+            shared: d.shared.clone(),
+        })
+    }
+
+    /// The filter's node-name.
+    pub fn name(&self) -> &str {
+        &self.shared.name
+    }
+
+    /// The mode the node was opened with.
+    pub fn mode(&self) -> ReplicationMode {
+        self.shared.mode
+    }
+
+    /// The current state.
+    pub fn state(&self) -> ReplicationState {
+        self.shared.state()
+    }
+
+    /// A status snapshot.
+    pub fn status(&self) -> ReplicationStatus {
+        self.shared.status()
+    }
+
+    /// Start replicating in `mode` (see the crate docs for the checks).
+    pub fn start(&self, mode: ReplicationMode) -> Result<()> {
+        self.shared.start(mode)
+    }
+
+    /// Take a checkpoint.
+    pub fn checkpoint(&self) -> Result<()> {
+        self.shared.checkpoint()
+    }
+
+    /// Report a recorded replication error.
+    pub fn get_error(&self) -> Result<()> {
+        self.shared.get_error()
+    }
+
+    /// Stop; `failover` promotes the secondary (the commit runs in the
+    /// background: see [`Replication::wait_failover`]).
+    pub fn stop(&self, failover: bool) -> Result<()> {
+        self.shared.stop(failover)
+    }
+
+    /// Waits until no failover commit is running. False on timeout.
+    pub fn wait_failover(&self, timeout: Duration) -> bool {
+        self.shared.wait_failover(timeout)
+    }
+}
