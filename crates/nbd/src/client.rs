@@ -26,6 +26,9 @@ use crate::error::{ErrorKind, NbdError, Result};
 use crate::export::Extent;
 use crate::protocol::*;
 
+/// How long the handshake may take before the attempt is abandoned.
+const NEGOTIATION_TIMEOUT: Duration = Duration::from_secs(10);
+
 /// Where the server listens.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum ServerAddr {
@@ -108,6 +111,12 @@ impl Sock {
             Sock::Unix(s) => Sock::Unix(s.try_clone()?),
         })
     }
+    fn set_read_timeout(&self, t: Option<Duration>) -> std::io::Result<()> {
+        match self {
+            Sock::Tcp(s) => s.set_read_timeout(t),
+            Sock::Unix(s) => s.set_read_timeout(t),
+        }
+    }
     fn shutdown(&self) {
         let _ = match self {
             Sock::Tcp(s) => s.shutdown(Shutdown::Both),
@@ -185,7 +194,7 @@ struct Inner {
 pub struct NbdClient {
     inner: Arc<Inner>,
     info: ExportInfo,
-    reader: Option<std::thread::JoinHandle<()>>,
+    reader: Mutex<Option<std::thread::JoinHandle<()>>>,
 }
 
 fn read_array<const N: usize, R: Read>(r: &mut R) -> std::io::Result<[u8; N]> {
@@ -255,6 +264,10 @@ fn negotiate(config: &ClientConfig) -> Result<(Sock, ExportInfo)> {
     let mut s = Sock::connect(&config.addr).map_err(|e| {
         NbdError::new(ErrorKind::Disconnected, format!("connect to {where_}")).with_source(e)
     })?;
+    // A server that accepts but never negotiates (e.g. qemu-nbd busy with another
+    // client) must not hang us forever.
+    s.set_read_timeout(Some(NEGOTIATION_TIMEOUT))
+        .map_err(net("set timeout"))?;
     let g = read_array::<18, _>(&mut s).map_err(net("read greeting"))?;
     let hflags = decode_greeting(&g)?;
     if hflags & FLAG_FIXED_NEWSTYLE == 0 {
@@ -360,6 +373,7 @@ fn negotiate(config: &ClientConfig) -> Result<(Sock, ExportInfo)> {
             ))
         }
     }
+    s.set_read_timeout(None).map_err(net("clear timeout"))?;
     Ok((s, info))
 }
 
@@ -426,7 +440,7 @@ impl NbdClient {
         Ok(NbdClient {
             inner,
             info,
-            reader: Some(reader),
+            reader: Mutex::new(Some(reader)),
         })
     }
 
@@ -679,8 +693,8 @@ impl NbdClient {
         }
     }
 
-    /// Disconnects politely (DISC) and stops reconnecting.
-    pub fn close(&mut self) {
+    /// Disconnects politely (DISC) and stops reconnecting; later requests fail with EIO.
+    pub fn close(&self) {
         if self.inner.closing.swap(true, Ordering::AcqRel) {
             return;
         }
@@ -700,7 +714,8 @@ impl NbdClient {
             let _ = c.writer.lock().write_all(&req.encode());
             c.kill();
         }
-        if let Some(t) = self.reader.take() {
+        let reader = self.reader.lock().take();
+        if let Some(t) = reader {
             let _ = t.join();
         }
     }

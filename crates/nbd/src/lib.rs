@@ -3,9 +3,11 @@
 //!
 //! * [`protocol`]: wire constants and message encoders/decoders.
 //! * [`server`]: [`NbdServer`] serving [`Export`]s over TCP and Unix sockets.
+//! * [`blockdev`]: exporting block-graph nodes, and the `nbd` block driver.
 //! * [`client`]: [`NbdClient`], pipelining requests from many threads over one
 //!   connection and reconnecting when it is lost.
 
+pub mod blockdev;
 pub mod client;
 pub mod error;
 pub mod export;
