@@ -10,14 +10,15 @@ use block_graph::{
     BlockOp, BlockerGuard, Driver, Error as BlockError, ErrorKind as BlockErrorKind, Graph, Node,
     NodeRef, OpenContext, PermPair, Perms, ReopenOpts, Result as BlockResult, Role, WriteFlags,
 };
+use block_jobs::{
+    BackupJob, BackupOptions, BackupSync, CopyTracker, Job, JobManager, JobOptions, JobOutcome,
+    MirrorJob, MirrorOptions,
+};
 use parking_lot::{Condvar, Mutex, RwLock};
 use replication_core::{
     OpError, RegistrationHandle, Registry, ReplicationMode, ReplicationOps, StateHandle,
     StateRegistry,
 };
-use roaring::RoaringTreemap;
-
-use crate::cbw::{CbwDriver, CbwShared};
 use crate::error::{Error, ErrorKind, Result};
 use crate::state::{ReplicationState, ReplicationStatus};
 use crate::statepart::{EpochParticipant, STATE_ID, STATE_VERSION};
@@ -29,12 +30,8 @@ pub const SECONDARY_ROLE: &str = "secondary";
 
 /// Copy-before-write granularity (the default qcow2 and memory cluster size).
 pub(crate) const CBW_CLUSTER: u64 = 64 * 1024;
-/// Granularity of the failover commit's dirty tracking.
-const DIRTY_GRANULE: u64 = 64 * 1024;
 /// How long closing a node waits for a cancelled failover commit.
 const CLOSE_WAIT: Duration = Duration::from_secs(10);
-/// Largest chunk the failover commit copies at once.
-const COMMIT_CHUNK: u64 = 1 << 20;
 
 /// Drivers known to implement `make_empty` (block-graph has no capability
 /// query; see the crate docs).
@@ -45,17 +42,32 @@ pub(crate) struct Running {
     pub(crate) active: NodeRef,
     pub(crate) hidden: NodeRef,
     pub(crate) secondary: NodeRef,
-    pub(crate) cbw_node: Mutex<Option<NodeRef>>,
-    pub(crate) cbw: Arc<CbwShared>,
+    /// The internal backup job (sync=none, secondary disk -> hidden disk).
+    backup: Mutex<Option<BackupJob>>,
+    tracker: Arc<CopyTracker>,
+    /// True while the backup job runs and stop has not cancelled it.
+    backup_active: AtomicBool,
+    /// Bytes forwarded through the backup's filter, counted when it ends.
+    forwarded_done: AtomicU64,
     blocker: Mutex<Option<BlockerGuard>>,
     orig_hidden_ro: bool,
     orig_secondary_ro: bool,
-    /// Failover: granules written through the filter since the commit began.
-    dirty: Mutex<Option<RoaringTreemap>>,
+}
+
+impl Running {
+    fn forwarded(&self) -> u64 {
+        let live = self
+            .backup
+            .lock()
+            .as_ref()
+            .map(|b| b.filter_node().stats().write.bytes)
+            .unwrap_or(0);
+        self.forwarded_done.load(Ordering::Relaxed) + live
+    }
 }
 
 struct Failover {
-    cancel: AtomicBool,
+    job: Job,
     done: Mutex<bool>,
     cv: Condvar,
     thread: Mutex<Option<JoinHandle<()>>>,
@@ -67,6 +79,7 @@ pub(crate) struct Shared {
     pub(crate) name: String,
     pub(crate) mode: ReplicationMode,
     top_id: Option<String>,
+    jobs: JobManager,
     state: AtomicU8,
     control: Mutex<()>,
     run: RwLock<Option<Arc<Running>>>,
@@ -136,7 +149,7 @@ impl Shared {
         };
         let bytes_forwarded = match (self.mode, &run) {
             (ReplicationMode::Primary, _) => self.bytes_forwarded.load(Ordering::Relaxed),
-            (ReplicationMode::Secondary, Some(r)) => r.cbw.bytes_written.load(Ordering::Relaxed),
+            (ReplicationMode::Secondary, Some(r)) => r.forwarded(),
             (ReplicationMode::Secondary, None) => self.bytes_forwarded.load(Ordering::Relaxed),
         };
         ReplicationStatus {
@@ -148,7 +161,7 @@ impl Shared {
             forward_errors: self.forward_errors.load(Ordering::Relaxed),
             clusters_copied_since_checkpoint: run
                 .as_ref()
-                .map(|r| r.cbw.tracker.epoch_copies())
+                .map(|r| r.tracker.epoch_copies())
                 .unwrap_or(0),
             checkpoint_epoch: self.epoch.load(Ordering::Relaxed),
             last_checkpoint_at: at,
@@ -303,44 +316,41 @@ impl Shared {
         blocker.unblock(BlockOp::DataplaneStart);
         blocker.unblock(BlockOp::DriveDel);
 
-        // The internal backup job: a copy-before-write filter above the
-        // secondary disk, copying into the hidden disk.
-        let cbw = CbwShared::new(secondary.len(), CBW_CLUSTER, &hidden);
-        let driver_name = format!("x-replication-cbw:{}", self.name);
-        {
-            let cbw = cbw.clone();
-            graph.register_driver(&driver_name, move |ctx: &mut OpenContext<'_>| {
-                CbwDriver::open(ctx, cbw.clone())
-            });
-        }
-        let cbw_node = match graph.add_node(&serde_json::json!({
-            "driver": driver_name,
-            "file": secondary.name(),
-        })) {
-            Ok(n) => n,
+        // The internal backup job: sync=none from the secondary disk to the
+        // hidden disk (a copy-before-write filter above the secondary disk).
+        let backup = match BackupJob::start(
+            &self.jobs,
+            &graph,
+            &secondary,
+            &hidden,
+            BackupOptions {
+                sync: BackupSync::None,
+                cluster_size: Some(CBW_CLUSTER),
+                job: JobOptions::default(),
+            },
+        ) {
+            Ok(b) => b,
             Err(e) => {
                 drop(blocker);
                 restore_flags();
-                return Err(self.gerr("cannot start the backup job", e));
+                return Err(self.err(
+                    ErrorKind::Graph,
+                    format!("cannot start the backup job: {e}"),
+                ));
             }
         };
-        if let Err(e) = graph.insert_filter_above(&secondary, &cbw_node) {
-            let _ = graph.remove_node(cbw_node.name());
-            drop(blocker);
-            restore_flags();
-            return Err(self.gerr("cannot start the backup job", e));
-        }
 
         let run = Arc::new(Running {
             active,
             hidden,
             secondary,
-            cbw_node: Mutex::new(Some(cbw_node)),
-            cbw,
+            tracker: backup.tracker().clone(),
+            backup: Mutex::new(Some(backup)),
+            backup_active: AtomicBool::new(true),
+            forwarded_done: AtomicU64::new(0),
             blocker: Mutex::new(Some(blocker)),
             orig_hidden_ro,
             orig_secondary_ro,
-            dirty: Mutex::new(None),
         });
 
         // Hold hidden and secondary disks as extra children.
@@ -410,34 +420,55 @@ impl Shared {
     }
 
     fn cancel_backup(&self, run: &Running) {
-        run.cbw.active.store(false, Ordering::Release);
-        if let Some(cbw) = run.cbw_node.lock().take() {
-            if let Some(g) = cbw.graph() {
-                if !cbw.is_removed() {
-                    let _ = g.remove_filter(&cbw);
-                }
-            }
+        run.backup_active.store(false, Ordering::Release);
+        let job = run.backup.lock().clone();
+        if let Some(b) = job {
+            let _ = b.job().cancel(true);
+            b.job().wait();
+            let bytes = b.filter_node().stats().write.bytes;
+            run.forwarded_done.fetch_add(bytes, Ordering::Relaxed);
+            run.backup.lock().take();
         }
+    }
+
+    /// If the backup job ended without stop cancelling it: record the error
+    /// and undo what start did (blockers, flags, extra children).
+    fn check_backup(&self, run: &Running) -> Result<()> {
+        let ended = {
+            let b = run.backup.lock();
+            match b.as_ref() {
+                Some(b) => b.job().outcome().is_some(),
+                None => true,
+            }
+        };
+        if ended && run.backup_active.load(Ordering::Acquire) {
+            let msg = "Backup job was cancelled unexpectedly".to_string();
+            self.record_error(msg.clone());
+            self.teardown(run, true);
+            return Err(self.err(ErrorKind::BackupCancelled, msg));
+        }
+        if ended {
+            let msg = "Backup job was cancelled unexpectedly".to_string();
+            return Err(self.err(ErrorKind::BackupCancelled, msg));
+        }
+        Ok(())
     }
 
     // ------------------------------------------------------------- checkpoint
 
     fn secondary_checkpoint(&self, run: &Running) -> Result<()> {
         let t0 = Instant::now();
-        let cbw = run.cbw_node.lock().clone();
-        let cbw = match cbw {
-            Some(c) if !c.is_removed() && run.cbw.active.load(Ordering::Acquire) => c,
-            _ => {
-                let msg = "Backup job was cancelled unexpectedly".to_string();
-                self.record_error(msg.clone());
-                return Err(self.err(ErrorKind::BackupCancelled, msg));
-            }
+        self.check_backup(run)?;
+        let Some(backup) = run.backup.lock().clone() else {
+            return Err(self.err(ErrorKind::BackupCancelled, "Backup job was cancelled unexpectedly"));
         };
-        let graph = cbw
-            .graph()
-            .ok_or_else(|| self.err(ErrorKind::NotRunning, "the block graph is gone"))?;
-        let _d = graph.drain(&[cbw]);
-        run.cbw.tracker.checkpoint();
+        let graph = self.graph_of(&run.secondary)?;
+        // Forwarded writes and guest I/O are held while the copy state resets
+        // and the buffers empty.
+        let _d = graph.drain(&[backup.filter_node().clone()]);
+        backup
+            .checkpoint()
+            .map_err(|e| self.err(ErrorKind::BackupCancelled, format!("Backup job checkpoint failed: {e}")))?;
         run.active
             .make_empty()
             .map_err(|e| self.gerr("Cannot make active disk empty", e))?;
@@ -542,14 +573,31 @@ impl Shared {
             .ok_or_else(|| self.err(ErrorKind::NotRunning, "no running state"))?;
         let node = self.node()?;
         let graph = self.graph_of(&node)?;
-        {
-            let _d = graph.drain(&[node.clone()]);
-            *run.dirty.lock() = Some(RoaringTreemap::new());
-            self.set_state(ReplicationState::Failover);
-        }
+        self.set_state(ReplicationState::Failover);
         self.cancel_backup(&run);
+        let t0 = Instant::now();
+        let commit = MirrorJob::start_active_commit(
+            &self.jobs,
+            &graph,
+            &run.active,
+            &run.secondary,
+            MirrorOptions {
+                auto_complete: true,
+                job: JobOptions::default(),
+                ..MirrorOptions::default()
+            },
+        );
+        let commit = match commit {
+            Ok(c) => c,
+            Err(e) => {
+                let msg = format!("failover commit could not start: {e}");
+                *self.error.lock() = Some(msg.clone());
+                self.set_state(ReplicationState::FailoverFailed);
+                return Err(self.err(ErrorKind::IoError, msg));
+            }
+        };
         let fo = Arc::new(Failover {
-            cancel: AtomicBool::new(false),
+            job: commit.job().clone(),
             done: Mutex::new(false),
             cv: Condvar::new(),
             thread: Mutex::new(None),
@@ -560,11 +608,14 @@ impl Shared {
         let weak = Arc::downgrade(&node);
         drop(node);
         let fo2 = fo.clone();
-        let t0 = Instant::now();
         let handle = std::thread::Builder::new()
             .name(format!("failover-{}", self.name))
             .spawn(move || {
-                let r = commit(&run, &weak, &graph, &fo2);
+                let r = match fo2.job.wait() {
+                    JobOutcome::Completed => Ok(()),
+                    JobOutcome::Cancelled => Err("the failover commit was cancelled".to_string()),
+                    JobOutcome::Failed(e) => Err(e.to_string()),
+                };
                 shared.failover_done(&run, &weak, &graph, r, t0.elapsed());
                 *fo2.done.lock() = true;
                 fo2.cv.notify_all();
@@ -572,7 +623,7 @@ impl Shared {
             .map_err(|e| {
                 self.err(
                     ErrorKind::Graph,
-                    format!("cannot start the failover commit: {e}"),
+                    format!("cannot start the failover watcher: {e}"),
                 )
             })?;
         *fo.thread_id.lock() = Some(handle.thread().id());
@@ -585,12 +636,11 @@ impl Shared {
         run: &Arc<Running>,
         node: &Weak<Node>,
         graph: &Graph,
-        r: BlockResult<()>,
+        r: std::result::Result<(), String>,
         took: Duration,
     ) {
         let _c = self.control.lock();
         *self.failover_duration.lock() = Some(took);
-        *run.dirty.lock() = None;
         match r {
             Ok(()) => {
                 self.set_state(ReplicationState::Done);
@@ -642,7 +692,7 @@ impl Shared {
             ReplicationState::Failover => {
                 let fo = self.failover.lock().clone();
                 if let Some(fo) = fo {
-                    fo.cancel.store(true, Ordering::Release);
+                    let _ = fo.job.cancel(true);
                     let on_thread = *fo.thread_id.lock() == Some(std::thread::current().id());
                     if !on_thread {
                         // Close may run with the graph lock held (node
@@ -663,94 +713,6 @@ impl Shared {
         self.state_handle.lock().take();
     }
 
-    // ------------------------------------------------------------------ I/O
-
-    fn mark_dirty(run: &Running, offset: u64, len: u64) {
-        if let Some(d) = run.dirty.lock().as_mut() {
-            d.insert_range(offset / DIRTY_GRANULE..(offset + len).div_ceil(DIRTY_GRANULE));
-        }
-    }
-}
-
-/// The failover's active commit: copy everything active and hidden hold into
-/// the secondary disk while the guest keeps writing (tracked as dirty), then,
-/// drained, copy what is left and make the secondary disk the filter's file
-/// child.
-fn commit(run: &Running, node: &Weak<Node>, graph: &Graph, fo: &Failover) -> BlockResult<()> {
-    let cancelled = || {
-        if fo.cancel.load(Ordering::Acquire) {
-            Err(BlockError::new(BlockErrorKind::Cancelled, "failover commit cancelled"))
-        } else {
-            Ok(())
-        }
-    };
-    let len = run.active.len();
-    let mut off = 0;
-    while off < len {
-        cancelled()?;
-        let want = (len - off).min(64 * COMMIT_CHUNK);
-        let (alloc, n) = graph.is_allocated_above(&run.active, Some(&run.secondary), off, want)?;
-        if alloc {
-            copy_range(run, off, n)?;
-        }
-        off += n;
-    }
-    for _ in 0..16 {
-        cancelled()?;
-        let d = take_dirty(run);
-        if d.is_empty() {
-            break;
-        }
-        copy_granules(run, &d, len)?;
-    }
-    cancelled()?;
-    let filter = node
-        .upgrade()
-        .ok_or_else(|| BlockError::new(BlockErrorKind::Cancelled, "the replication node is gone"))?;
-    let _d = graph.drain(&[filter]);
-    let d = take_dirty(run);
-    copy_granules(run, &d, len)?;
-    cancelled()?;
-    run.secondary.flush()?;
-    graph.replace_node(&run.active, &run.secondary)
-}
-
-fn take_dirty(run: &Running) -> RoaringTreemap {
-    run.dirty
-        .lock()
-        .as_mut()
-        .map(std::mem::take)
-        .unwrap_or_default()
-}
-
-fn copy_granules(run: &Running, d: &RoaringTreemap, len: u64) -> BlockResult<()> {
-    let mut it = d.iter().peekable();
-    while let Some(first) = it.next() {
-        let mut last = first;
-        while it.peek() == Some(&(last + 1)) {
-            last += 1;
-            it.next();
-        }
-        let start = first * DIRTY_GRANULE;
-        let end = ((last + 1) * DIRTY_GRANULE).min(len);
-        if start < end {
-            copy_range(run, start, end - start)?;
-        }
-    }
-    Ok(())
-}
-
-fn copy_range(run: &Running, offset: u64, len: u64) -> BlockResult<()> {
-    let mut buf = vec![0u8; len.min(COMMIT_CHUNK) as usize];
-    let mut done = 0;
-    while done < len {
-        let n = (len - done).min(COMMIT_CHUNK) as usize;
-        run.active.read(offset + done, &mut buf[..n])?;
-        run.secondary
-            .write(offset + done, &buf[..n], WriteFlags::default())?;
-        done += n as u64;
-    }
-    Ok(())
 }
 
 /// The `replication` block driver (a filter). Open it with
@@ -787,6 +749,7 @@ impl ReplicationDriver {
         ctx: &mut OpenContext<'_>,
         registry: Option<&Registry>,
         states: Option<&StateRegistry>,
+        jobs: &JobManager,
     ) -> BlockResult<Box<dyn Driver>> {
         let name = ctx.node_name().to_string();
         let o = ctx.options();
@@ -821,6 +784,7 @@ impl ReplicationDriver {
             name,
             mode,
             top_id,
+            jobs: jobs.clone(),
             state: AtomicU8::new(ReplicationState::None.to_u8()),
             control: Mutex::new(()),
             run: RwLock::new(None),
@@ -937,8 +901,8 @@ impl Driver for ReplicationDriver {
         }
         let file = Self::file(node)?;
         match s.running() {
-            Some(run) if run.cbw.active.load(Ordering::Acquire) => {
-                let _g = run.cbw.tracker.read_lock(offset, buf.len() as u64);
+            Some(run) if run.backup_active.load(Ordering::Acquire) => {
+                let _g = run.tracker.read_lock(offset, buf.len() as u64);
                 file.read(offset, buf)
             }
             _ => file.read(offset, buf),
@@ -980,13 +944,10 @@ impl Driver for ReplicationDriver {
                         // The write may copy the rest of a cluster from the
                         // backing chain: read-lock it like a read.
                         let _g = run
-                            .cbw
-                            .active
+                            .backup_active
                             .load(Ordering::Acquire)
-                            .then(|| run.cbw.tracker.read_lock(offset, buf.len() as u64));
-                        file.write(offset, buf, flags)?;
-                        Shared::mark_dirty(&run, offset, buf.len() as u64);
-                        Ok(())
+                            .then(|| run.tracker.read_lock(offset, buf.len() as u64));
+                        file.write(offset, buf, flags)
                     }
                     None => file.write(offset, buf, flags),
                 }
@@ -1034,5 +995,12 @@ impl Driver for ReplicationDriver {
 
     fn accepts_child(&self, role: &Role) -> bool {
         matches!(role, Role::Named(n) if n == HIDDEN_ROLE || n == SECONDARY_ROLE)
+    }
+}
+
+impl Shared {
+    pub(crate) fn backup_job(&self) -> Option<Job> {
+        self.running()
+            .and_then(|r| r.backup.lock().as_ref().map(|b| b.job().clone()))
     }
 }

@@ -79,23 +79,19 @@
 //!   and a no-op on the primary.
 //! * `get_error` is an error before start on both sides ("not running").
 //!
-//! # Differences from QEMU's structure
+//! # Composition
 //!
-//! * The backup job is not a `block-jobs` job but a private copy-before-write
-//!   filter node (driver `x-replication-cbw:<node-name>`) inserted above the
-//!   secondary disk: block-jobs had no backup job when this crate was written.
-//!   Its behaviour is the sync=none backup's: once per 64 KiB cluster per
-//!   checkpoint, failures fail the triggering write, readers wait for copies
-//!   in flight and hold off new ones.
-//! * The failover commit is likewise private: it copies what active and
-//!   hidden hold into the secondary disk while the guest keeps writing
-//!   (tracked in 64 KiB granules), then copies the rest in a drained section
-//!   and makes the secondary disk the filter's file child.
+//! * The backup job is `block-jobs`' [`block_jobs::BackupJob`] with sync=none
+//!   (a `copy-before-write` filter above the secondary disk, copying into the
+//!   hidden disk, 64 KiB clusters), internal (no job id).
+//! * The failover commit is `block-jobs`' active commit
+//!   ([`block_jobs::MirrorJob::start_active_commit`], auto-completing),
+//!   internal; a thread waits for it and moves the state to DONE or
+//!   FAILOVER_FAILED.
 //! * block-graph has no way to ask a driver whether it implements
 //!   `make_empty`; drivers in [`MAKE_EMPTY_DRIVERS`] are accepted as active
 //!   and hidden disks.
 
-mod cbw;
 mod driver;
 mod error;
 mod stack;
@@ -106,6 +102,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use block_graph::{Graph, Node, OpenContext};
+use block_jobs::{Job, JobManager};
 use replication_core::{Registry, ReplicationMode, StateRegistry};
 
 pub use driver::{ReplicationDriver, HIDDEN_ROLE, MAKE_EMPTY_DRIVERS, SECONDARY_ROLE};
@@ -117,12 +114,27 @@ pub use stack::{
 pub use state::{ReplicationState, ReplicationStatus};
 
 /// Registers the `replication` driver with `graph`. Nodes opened with it
-/// join `registry` and, if given, the checkpoint state registry `states`.
+/// join `registry` and, if given, the checkpoint state registry `states`;
+/// their internal jobs (backup, failover commit) run in a job manager of
+/// their own.
 pub fn register(graph: &Graph, registry: &Registry, states: Option<&StateRegistry>) {
+    register_with_jobs(graph, registry, states, &JobManager::new());
+}
+
+/// Like [`register`], with the internal jobs in `jobs` (the daemon's job
+/// manager; internal jobs are hidden from its listings).
+pub fn register_with_jobs(
+    graph: &Graph,
+    registry: &Registry,
+    states: Option<&StateRegistry>,
+    jobs: &JobManager,
+) {
     let registry = registry.clone();
     let states = states.cloned();
+    let jobs = jobs.clone();
+    block_jobs::register_drivers(graph);
     graph.register_driver("replication", move |ctx: &mut OpenContext<'_>| {
-        ReplicationDriver::open(ctx, Some(&registry), states.as_ref())
+        ReplicationDriver::open(ctx, Some(&registry), states.as_ref(), &jobs)
     });
 }
 
@@ -195,5 +207,11 @@ impl Replication {
     /// Waits until no failover commit is running. False on timeout.
     pub fn wait_failover(&self, timeout: Duration) -> bool {
         self.shared.wait_failover(timeout)
+    }
+
+    /// The internal backup job while it runs (for monitoring; users cannot
+    /// see it in the job manager's listings).
+    pub fn backup_job(&self) -> Option<Job> {
+        self.shared.backup_job()
     }
 }
