@@ -358,8 +358,13 @@ impl Storage for CrashStorage {
     fn flush(&self) -> io::Result<()> {
         let mut st = self.st.lock();
         Self::tick(&mut st)?;
-        st.durable = st.volatile.clone();
-        st.pending.clear();
+        let pending = std::mem::take(&mut st.pending);
+        for p in pending {
+            match p {
+                Pending::Write(off, data) => mem_write(&mut st.durable, &data, off)?,
+                Pending::SetLen(l) => st.durable.resize(l as usize, 0),
+            }
+        }
         Ok(())
     }
     fn len(&self) -> io::Result<u64> {
