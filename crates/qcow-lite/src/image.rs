@@ -7,7 +7,7 @@ use crate::header::{self, be64, Header};
 use crate::storage::Storage;
 use parking_lot::Mutex;
 use roaring::{RoaringBitmap, RoaringTreemap};
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 
 const OFFSET_MASK: u64 = 0x00ff_ffff_ffff_fe00;
 const COPIED: u64 = 1 << 63;
@@ -16,6 +16,9 @@ const ZERO: u64 = 1;
 const L1_RESERVED: u64 = !(OFFSET_MASK | COPIED);
 const L2_RESERVED: u64 = 0x3f00_0000_0000_01fe;
 const RT_RESERVED: u64 = 0x1ff;
+/// How many in-use clusters an allocation skips before calling the image corrupt
+/// (refcounts past the end of the file are a corruption; this bounds the scan).
+const ALLOC_SCAN_LIMIT: u64 = 1 << 20;
 
 /// Options for [`Qcow2::create`].
 #[derive(Debug, Clone)]
@@ -759,7 +762,7 @@ impl<S: Storage> Qcow2<S> {
 
     /// Allocate one cluster (refcount set to 1); reuses durably freed clusters first.
     fn alloc_cluster(&self, m: &mut Meta) -> Result<u64> {
-        loop {
+        for _ in 0..ALLOC_SCAN_LIMIT {
             let c = match m.free.min() {
                 Some(c) => {
                     m.free.remove(c);
@@ -772,12 +775,21 @@ impl<S: Storage> Qcow2<S> {
                 return Ok(c);
             }
         }
+        Err(corrupt(format!(
+            "no free cluster found after {ALLOC_SCAN_LIMIT} clusters with nonzero refcounts"
+        )))
     }
 
     /// Allocate `n` contiguous clusters at the end of the file.
     fn alloc_contiguous(&self, m: &mut Meta, n: u64) -> Result<u64> {
+        let first = m.end_cluster;
         'outer: loop {
             let start = m.end_cluster;
+            if start - first > ALLOC_SCAN_LIMIT {
+                return Err(corrupt(format!(
+                    "no {n} free clusters found after {ALLOC_SCAN_LIMIT} in use"
+                )));
+            }
             for c in start..start + n {
                 if self.rc_get(m, c)? != 0 {
                     m.end_cluster = c + 1;
@@ -1275,10 +1287,14 @@ impl<S: Storage> Qcow2<S> {
         self.ensure_dirty(&mut m)?;
         let used: Vec<u32> = m.l1_used.iter().collect();
         let mut drop_clusters: Vec<u64> = Vec::new();
+        let mut visited: HashSet<u64> = HashSet::new();
         for &i in &used {
             let Some(l2_off) = self.l1_decode(&m, i as u64)? else {
                 continue;
             };
+            if !visited.insert(l2_off) {
+                continue;
+            }
             self.l2_load(&mut m, l2_off)?;
             let data =
                 m.l2.remove(l2_off)
@@ -1436,6 +1452,7 @@ impl<S: Storage> Qcow2<S> {
         let cs = self.cs();
         let mut refs: HashMap<u64, u32> = HashMap::new();
         let add = |refs: &mut HashMap<u64, u32>, c: u64| *refs.entry(c).or_insert(0) += 1;
+        let mut visited: HashSet<u64> = HashSet::new();
         add(&mut refs, 0);
         let l1c = (m.l1.len() as u64 * 8).div_ceil(cs);
         for c in 0..l1c {
@@ -1475,6 +1492,10 @@ impl<S: Storage> Qcow2<S> {
                 }
             };
             add(&mut refs, l2_off >> self.cluster_bits);
+            if !visited.insert(l2_off) {
+                // Shared by two L1 entries: counted (an overlap), walked once.
+                continue;
+            }
             self.l2_load(m, l2_off)?;
             for j in 0..self.l2_entries() {
                 let raw = self.l2_get(m, l2_off, j)?;
@@ -1552,10 +1573,14 @@ impl<S: Storage> Qcow2<S> {
         }
         report.image_end_offset = last_used << self.cluster_bits;
         // COPIED flags.
+        let mut visited: HashSet<u64> = HashSet::new();
         for l1i in 0..m.l1.len() as u64 {
             let Ok(Some(l2_off)) = self.l1_decode(m, l1i) else {
                 continue;
             };
+            if !visited.insert(l2_off) {
+                continue;
+            }
             let rc = self.rc_get(m, l2_off >> self.cluster_bits).unwrap_or(0);
             if (m.l1[l1i as usize] & COPIED != 0) != (rc == 1) {
                 report.copied_flag_errors += 1;
@@ -1612,6 +1637,7 @@ impl<S: Storage> Qcow2<S> {
         m.pending_decref.clear();
         let refs = self.collect_refs(m, report, false, true)?;
         // Fix COPIED flags from the counted references.
+        let mut visited: HashSet<u64> = HashSet::new();
         for l1i in 0..m.l1.len() {
             let e = m.l1[l1i];
             let off = e & OFFSET_MASK;
@@ -1623,6 +1649,9 @@ impl<S: Storage> Qcow2<S> {
             if want != e {
                 m.l1[l1i] = want;
                 m.l1_dirty = true;
+            }
+            if !visited.insert(off) {
+                continue;
             }
             for j in 0..self.l2_entries() {
                 let raw = self.l2_get(m, off, j)?;

@@ -46,6 +46,7 @@
 mod cache;
 mod chain;
 mod error;
+pub mod fuzzing;
 mod header;
 mod image;
 pub mod storage;
