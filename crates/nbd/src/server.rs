@@ -763,20 +763,25 @@ impl Inner {
         let (tx, rx) = crossbeam_channel::bounded::<Job>(workers * 4);
         let session = &session;
         std::thread::scope(|scope| {
-            for _ in 0..workers {
+            for i in 0..workers {
                 let rx = rx.clone();
                 let (writer, broken, budget) = (&writer, &broken, &budget);
-                scope.spawn(move || {
-                    for job in rx {
-                        let reserved = payload_reservation(&job.req);
-                        let outcome = execute(session, &job);
-                        drop(job.data);
-                        if send_reply(session, &job.req, outcome, writer).is_err() {
-                            broken.store(true, Ordering::Release);
+                let spawned = std::thread::Builder::new()
+                    .name(format!("nbd-worker-{i}"))
+                    .spawn_scoped(scope, move || {
+                        for job in rx {
+                            let reserved = payload_reservation(&job.req);
+                            let outcome = execute(session, &job);
+                            drop(job.data);
+                            if send_reply(session, &job.req, outcome, writer).is_err() {
+                                broken.store(true, Ordering::Release);
+                            }
+                            budget.give(reserved);
                         }
-                        budget.give(reserved);
-                    }
-                });
+                    });
+                if let Err(e) = spawned {
+                    return Err(NbdError::io("spawn worker thread", e));
+                }
             }
             drop(rx);
             let result = (|| -> Result<()> {
