@@ -524,8 +524,14 @@ fn accept_loop(shared: &Arc<Shared>, fd: i32, accept: impl Fn() -> std::io::Resu
         if !poll_readable(fd, 100) {
             continue;
         }
-        let Ok(stream) = accept() else {
-            continue;
+        let stream = match accept() {
+            Ok(s) => s,
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
+            Err(_) => {
+                // E.g. out of descriptors: back off instead of spinning.
+                std::thread::sleep(Duration::from_millis(50));
+                continue;
+            }
         };
         if shared.stop.load(Ordering::SeqCst) {
             break;
