@@ -25,6 +25,7 @@
 //! ```
 
 pub mod backend;
+mod clock;
 pub mod driver;
 pub mod drivers;
 pub mod error;

@@ -1,5 +1,6 @@
 //! [`Node`]: the one door every request passes through.
 
+use crate::clock;
 use crate::driver::{BlockStatus, Driver, Role, WriteFlags, ZeroFlags};
 use crate::error::{Error, ErrorKind, Result};
 use crate::graph::{Graph, GraphInner};
@@ -9,7 +10,6 @@ use std::cell::Cell;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Weak};
 use std::thread::ThreadId;
-use std::time::Instant;
 
 /// A shared handle on a node. The node lives while any parent, backend, job or
 /// caller holds one.
@@ -216,6 +216,7 @@ impl Node {
         children: Vec<ChildEdge>,
     ) -> Node {
         let align = driver.request_alignment().max(1);
+        clock::init();
         Node {
             name: cfg.name,
             driver_name: cfg.driver_name,
@@ -635,7 +636,7 @@ impl Node {
         }
     }
 
-    fn record(&self, kind: IoKind, bytes: u64, ok: bool, t0: Instant) {
+    fn record(&self, kind: IoKind, bytes: u64, ok: bool, t0: u64) {
         let c = &self.stats[kind as usize];
         c.ops.fetch_add(1, Ordering::Relaxed);
         if ok {
@@ -644,7 +645,7 @@ impl Node {
             c.errors.fetch_add(1, Ordering::Relaxed);
         }
         c.nanos
-            .fetch_add(t0.elapsed().as_nanos() as u64, Ordering::Relaxed);
+            .fetch_add(clock::ticks().wrapping_sub(t0), Ordering::Relaxed);
     }
 
     /// A snapshot of the statistics.
@@ -655,7 +656,7 @@ impl Node {
                 ops: c.ops.load(Ordering::Relaxed),
                 bytes: c.bytes.load(Ordering::Relaxed),
                 errors: c.errors.load(Ordering::Relaxed),
-                nanos: c.nanos.load(Ordering::Relaxed),
+                nanos: clock::to_nanos(c.nanos.load(Ordering::Relaxed)),
             }
         };
         NodeStats {
@@ -699,7 +700,7 @@ impl Node {
         if len == 0 {
             return Ok(());
         }
-        let t0 = Instant::now();
+        let t0 = clock::ticks();
         let r = if self.is_aligned(offset, len) {
             self.begin(offset, len, false)
                 .and_then(|_g| self.driver.read(self, offset, buf))
@@ -728,7 +729,7 @@ impl Node {
         if len == 0 {
             return Ok(());
         }
-        let t0 = Instant::now();
+        let t0 = clock::ticks();
         let r = if self.is_aligned(offset, len) {
             let ser = self.driver.serialise_writes();
             self.begin(offset, len, ser)
@@ -767,7 +768,7 @@ impl Node {
         if self.is_removed() {
             return Err(self.removed_error("flush"));
         }
-        let t0 = Instant::now();
+        let t0 = clock::ticks();
         let r = self
             .begin(0, 0, false)
             .and_then(|_g| self.driver.flush(self));
@@ -783,7 +784,7 @@ impl Node {
         if len == 0 || self.discard_ignore {
             return Ok(());
         }
-        let t0 = Instant::now();
+        let t0 = clock::ticks();
         let r = self.zeroish(offset, len, |s, l| self.driver.discard(self, s, l));
         self.record(IoKind::Discard, len, r.is_ok(), t0);
         self.finish(r, "discard", offset, len)
@@ -797,7 +798,7 @@ impl Node {
         if len == 0 {
             return Ok(());
         }
-        let t0 = Instant::now();
+        let t0 = clock::ticks();
         let r = self.zeroish(offset, len, |s, l| {
             match self.driver.write_zeroes(self, s, l, flags) {
                 Err(e) if e.kind() == ErrorKind::NotSupported && !flags.no_fallback => {
@@ -872,7 +873,7 @@ impl Node {
             .with_node(&self.name));
         }
         let len = len.min(size - offset);
-        let t0 = Instant::now();
+        let t0 = clock::ticks();
         let r = self.begin(offset, len, false).and_then(|_g| {
             let st = self.driver.block_status(self, offset, len)?;
             if st.len == 0 {

@@ -297,6 +297,11 @@ fn delays_and_holds() {
     let t = Instant::now();
     w(&n, 0, b"x").unwrap();
     assert!(t.elapsed() >= Duration::from_millis(20));
+    let ns = n.stats().write.nanos;
+    assert!(
+        (15_000_000..5_000_000_000).contains(&ns),
+        "write time {ns} ns"
+    );
     let t = Instant::now();
     let mut b = [0u8; 1];
     n.read(0, &mut b).unwrap();
