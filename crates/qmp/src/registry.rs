@@ -332,7 +332,8 @@ impl Registry {
 
     /// Runs a command in-process as a negotiated client would: arguments
     /// (an object, or `null` for none) checked first, then the handler
-    /// under the dispatcher lock. For scripted set-ups and tests;
+    /// under the dispatcher lock (checking recurses over the nesting of
+    /// `arguments`; see [`crate::Session`] on stack size). For scripted set-ups and tests;
     /// `qmp_capabilities` and `quit` belong to a connection and are refused.
     pub fn execute(&self, name: &str, arguments: Value) -> Result<Value, QmpError> {
         let args = match arguments {

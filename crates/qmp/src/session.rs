@@ -16,7 +16,11 @@ pub const NEGOTIATION_DONE: &str = "Capabilities negotiation is already complete
 /// One QMP conversation: the splitter, the negotiation state, dispatch.
 ///
 /// The server runs one per connection; tests (and the daemon's tests) can
-/// drive it directly with [`Session::feed`].
+/// drive it directly with [`Session::feed`]. Parsing and checking recurse
+/// over the input's nesting (up to QEMU's 1024 levels): a caller that may
+/// get input that deep needs a big thread stack, as the server's client
+/// threads have (16 MiB; a 2 MiB thread overflows near 1000 levels in a
+/// debug build).
 pub struct Session {
     registry: Arc<Registry>,
     splitter: Splitter,

@@ -240,3 +240,54 @@ fn nested_errors_name_the_member_as_qemu_does() {
         "no handler ran on bad arguments"
     );
 }
+
+#[test]
+fn deeply_nested_definitions_are_checked_by_the_server() {
+    // QEMU's nesting limit is 1024; a blockdev-add nested that deep is
+    // parsed and checked (recursively) on the server's client threads,
+    // whose stack is sized for it, and the server survives.
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("deep.qmp");
+    let seen = Arc::new(Mutex::new(Vec::new()));
+    let server =
+        qmp::Server::start(registry(Arc::clone(&seen)), qmp::ServerConfig::unix(&path)).unwrap();
+    let sock = std::os::unix::net::UnixStream::connect(&path).unwrap();
+    sock.set_read_timeout(Some(std::time::Duration::from_secs(20)))
+        .unwrap();
+    let mut w = sock.try_clone().unwrap();
+    let mut r = std::io::BufReader::new(sock);
+    let mut recv = || {
+        let mut line = String::new();
+        std::io::BufRead::read_line(&mut r, &mut line).unwrap();
+        serde_json::from_str::<Value>(&line).unwrap()
+    };
+    let _greeting = recv();
+    let mut send = |s: &str| std::io::Write::write_all(&mut w, s.as_bytes()).unwrap();
+    send("{\"execute\": \"qmp_capabilities\"}");
+    assert_eq!(recv(), json!({"return": {}}));
+    // request (1) > 1022 nested raw nodes (the first is `arguments`) >
+    // the file node: depth 1024, QEMU's limit.
+    let nested = |levels: usize, leaf_driver: &str| {
+        format!(
+            "{{\"execute\": \"blockdev-add\", \"arguments\": {}{{\"driver\": \"{leaf_driver}\", \"filename\": \"/x\"}}{}}}",
+            "{\"driver\": \"raw\", \"file\": ".repeat(levels),
+            "}".repeat(levels)
+        )
+    };
+    send(&nested(1022, "file"));
+    assert_eq!(recv(), json!({"return": {}}));
+    send(&nested(1022, "bogus"));
+    let e = recv();
+    let desc = e["error"]["desc"].as_str().unwrap();
+    assert!(
+        desc.ends_with(".file.driver' does not accept value 'bogus'"),
+        "{desc}"
+    );
+    send(&nested(1023, "file"));
+    assert_eq!(
+        recv(),
+        json!({"error": {"class": "GenericError", "desc": "JSON nesting depth limit exceeded"}})
+    );
+    assert_eq!(seen.lock().unwrap().len(), 1);
+    server.join();
+}
