@@ -323,8 +323,12 @@ pub fn not_supported(node: &Node, what: &str) -> Error {
 
 /// The default permissions on a child, after QEMU's defaults:
 /// * [`Role::Backing`]: takes consistent read, shares everything;
-/// * filters' filtered child and [`Role::Named`] children: take read (+ write and
-///   resize when writable), share everything;
+/// * filters' children: take consistent read, share everything; the graph adds
+///   what the filter's own users take on its filtered child (filters pass their
+///   users' permissions through, so inserting one above a node never conflicts
+///   with the parents it takes over);
+/// * [`Role::Named`] children: take read (+ write and resize when writable),
+///   share everything;
 /// * data children (`file`, `children.N`) of non-filters: take read (+ write and
 ///   resize when writable), share consistent read, write-unchanged and graph-mod,
 ///   and also write and resize when read-only.
@@ -339,11 +343,11 @@ pub fn default_child_perms(is_filter: bool, role: &Role, read_only: bool) -> Per
             perm: Perms::CONSISTENT_READ,
             shared: Perms::ALL,
         },
-        Role::Named(_) => PermPair {
-            perm: Perms::CONSISTENT_READ | rw,
+        _ if is_filter => PermPair {
+            perm: Perms::CONSISTENT_READ,
             shared: Perms::ALL,
         },
-        _ if is_filter => PermPair {
+        Role::Named(_) => PermPair {
             perm: Perms::CONSISTENT_READ | rw,
             shared: Perms::ALL,
         },

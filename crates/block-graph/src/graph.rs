@@ -622,8 +622,12 @@ impl Graph {
     }
 
     /// Makes every parent and backend of `old` point at `new` instead, inside a
-    /// drained section (edges from `new` itself to `old` are kept, which is how
-    /// a filter is inserted). Refused on cycles and permission conflicts.
+    /// drained section. Edges from `new` itself to `old` are kept (that is how a
+    /// filter is inserted), and, as QEMU's `should_update_child` does, so is any
+    /// edge whose parent `new` reaches (moving it would make a cycle: e.g. the
+    /// hidden disk's backing edge when a copy-before-write filter targeting the
+    /// hidden disk is inserted above the secondary disk). Refused on permission
+    /// conflicts.
     pub fn replace_node(&self, old: &NodeRef, new: &NodeRef) -> Result<()> {
         let _l = self.inner.lock.lock();
         if Arc::ptr_eq(old, new) {
@@ -638,20 +642,33 @@ impl Graph {
             .filter_map(|p| p.parent.upgrade().map(|n| (n, p.role.clone(), p.perms)))
             .filter(|(n, _, _)| key(n) != nk)
             .collect();
+        // Like QEMU's should_update_child: an edge whose parent `new` reaches
+        // stays where it is (moving it would make a cycle).
+        let moved: Vec<(NodeRef, Role, PermPair)> = moved
+            .into_iter()
+            .filter(|(p, _, _)| !new.reaches(p))
+            .collect();
+        let ok = key(old);
+        let moved_edges: Vec<(usize, Role)> =
+            moved.iter().map(|(p, r, _)| (key(p), r.clone())).collect();
+        let moved_backends: Vec<u64> = old.backends.lock().iter().map(|b| b.id).collect();
+        let skip = |u: &UserId| {
+            u.backend.is_some_and(|b| moved_backends.contains(&b))
+                || u.parent.is_some_and(|pk| {
+                    pk == nk
+                        || moved_edges
+                            .iter()
+                            .any(|(k, r)| *k == pk && u.role.as_ref() == Some(r))
+                })
+        };
+        let _ = ok;
         for (p, role, perms) in &moved {
-            if new.reaches(p) {
-                return Err(Error::invalid(format!(
-                    "replacing '{}' by '{}' would create a cycle through '{}'",
-                    old.name(),
-                    new.name(),
-                    p.name()
-                )));
-            }
+            let eff = effective_perms(p, role, *perms, 0);
             check_user(
                 new,
                 &format!("node '{}' (as '{role}')", p.name()),
-                *perms,
-                |_| false,
+                eff,
+                skip,
             )?;
         }
         let backends: Vec<(String, PermPair)> = old
@@ -661,7 +678,7 @@ impl Graph {
             .map(|b| (b.name.clone(), b.perms))
             .collect();
         for (name, perms) in &backends {
-            check_user(new, &format!("backend '{name}'"), *perms, |_| false)?;
+            check_user(new, &format!("backend '{name}'"), *perms, skip)?;
         }
         let _d = self.drain(&[old.clone(), new.clone()]);
         for (p, role, perms) in moved {
@@ -760,30 +777,12 @@ impl Graph {
         for (n, o) in queue {
             live(n)?;
             if o.read_only {
-                for p in n.parents.lock().iter() {
-                    if let Some(pn) = p.parent.upgrade() {
-                        let need = pn.driver().child_perms(&p.role, ro_of(&pn));
-                        if need.perm.contains(Perms::WRITE) {
-                            return Err(Error::new(
-                                ErrorKind::PermissionDenied,
-                                format!(
-                                    "cannot make the node read-only: node '{}' (as '{}') writes to it",
-                                    pn.name(),
-                                    p.role
-                                ),
-                            )
-                            .with_node(n.name()));
-                        }
-                    }
-                }
-                for b in n.backends.lock().iter() {
-                    if b.perms.perm.contains(Perms::WRITE) {
+                for (desc, u, id) in users_of(n) {
+                    let parent_goes_ro = id.parent.is_some_and(|pk| new_ro.get(&pk) == Some(&true));
+                    if u.perm.contains(Perms::WRITE) && !parent_goes_ro {
                         return Err(Error::new(
                             ErrorKind::PermissionDenied,
-                            format!(
-                                "cannot make the node read-only: backend '{}' writes to it",
-                                b.name
-                            ),
+                            format!("cannot make the node read-only: {desc} writes to it"),
                         )
                         .with_node(n.name()));
                     }
@@ -805,7 +804,7 @@ impl Graph {
                     let user = format!("node '{}' (as '{}')", n.name(), e.role);
                     let nk = key(n);
                     let role = e.role.clone();
-                    check_user_ro(&e.node, ro_of(&e.node), &user, need, |u| {
+                    check_user_ro(&e.node, &ro_of, &user, need, &|u: &UserId| {
                         u.parent == Some(nk) && u.role.as_ref() == Some(&role)
                     })
                     .map_err(|err| err.context("reopen"))?;
@@ -942,22 +941,41 @@ fn remove_edge(parent: &NodeRef, role: &Role, child: &NodeRef) {
 struct UserId {
     parent: Option<usize>,
     role: Option<Role>,
+    backend: Option<u64>,
 }
 
-/// (description, perms, id) of every user of `node`.
+/// (description, effective perms, id) of every user of `node`.
 fn users_of(node: &Node) -> Vec<(String, PermPair, UserId)> {
-    let mut v = Vec::new();
-    for p in node.parents.lock().iter() {
-        if p.parent.strong_count() > 0 {
-            v.push((
-                format!("node '{}' (as '{}')", p.parent_name, p.role),
+    users_of_depth(node, 0)
+}
+
+fn users_of_depth(node: &Node, depth: usize) -> Vec<(String, PermPair, UserId)> {
+    let parents: Vec<(Weak<Node>, String, Role, PermPair)> = node
+        .parents
+        .lock()
+        .iter()
+        .map(|p| {
+            (
+                p.parent.clone(),
+                p.parent_name.clone(),
+                p.role.clone(),
                 p.perms,
-                UserId {
-                    parent: Some(p.parent.as_ptr() as usize),
-                    role: Some(p.role.clone()),
-                },
-            ));
-        }
+            )
+        })
+        .collect();
+    let mut v = Vec::new();
+    for (w, name, role, perms) in parents {
+        let Some(pn) = w.upgrade() else { continue };
+        let perms = effective_perms(&pn, &role, perms, depth);
+        v.push((
+            format!("node '{name}' (as '{role}')"),
+            perms,
+            UserId {
+                parent: Some(w.as_ptr() as usize),
+                role: Some(role),
+                backend: None,
+            },
+        ));
     }
     for b in node.backends.lock().iter() {
         v.push((
@@ -966,10 +984,30 @@ fn users_of(node: &Node) -> Vec<(String, PermPair, UserId)> {
             UserId {
                 parent: None,
                 role: None,
+                backend: Some(b.id),
             },
         ));
     }
     v
+}
+
+/// What a parent effectively takes on its child `role`: its declared
+/// permissions, plus, for a filter's filtered child, whatever the filter's own
+/// users take (minus what they do not share): filters pass their users' needs
+/// through, as in QEMU.
+fn effective_perms(parent: &Node, role: &Role, declared: PermPair, depth: usize) -> PermPair {
+    if !parent.is_filter()
+        || *role != parent.driver().filtered_child()
+        || depth > 4 * MAX_BACKING_DEPTH
+    {
+        return declared;
+    }
+    let mut p = declared;
+    for (_, u, _) in users_of_depth(parent, depth + 1) {
+        p.perm = p.perm | u.perm;
+        p.shared = p.shared & u.shared;
+    }
+    p
 }
 
 /// Checks a new user `who` taking `perms` on `node` against the node's state and
@@ -980,18 +1018,19 @@ fn check_user(
     perms: PermPair,
     skip: impl Fn(&UserId) -> bool,
 ) -> Result<()> {
-    check_user_ro(node, node.is_read_only(), who, perms, skip)
+    check_user_ro(node, &|n: &Node| n.is_read_only(), who, perms, &skip)
 }
 
-/// [`check_user`] with the node's (future) read-only flag given.
+/// [`check_user`] with the nodes' (future) read-only flags given by `ro_of`.
+/// Through a filter, the user's permissions are checked on the filtered child too.
 fn check_user_ro(
     node: &Node,
-    node_ro: bool,
+    ro_of: &dyn Fn(&Node) -> bool,
     who: &str,
     perms: PermPair,
-    skip: impl Fn(&UserId) -> bool,
+    skip: &dyn Fn(&UserId) -> bool,
 ) -> Result<()> {
-    if node_ro && perms.perm.contains(Perms::WRITE) {
+    if ro_of(node) && perms.perm.contains(Perms::WRITE) {
         return Err(Error::new(
             ErrorKind::PermissionDenied,
             format!("{who} needs write access but the node is read-only"),
@@ -1017,6 +1056,16 @@ fn check_user_ro(
                 format!("{who} does not share '{b}', which {desc} holds"),
             )
             .with_node(node.name()));
+        }
+    }
+    if node.is_filter() {
+        if let Some(child) = node.filtered() {
+            let fk = key(node);
+            let role = node.driver().filtered_child();
+            let who = format!("{who} (through filter '{}')", node.name());
+            check_user_ro(&child, ro_of, &who, perms, &|u: &UserId| {
+                skip(u) || (u.parent == Some(fk) && u.role.as_ref() == Some(&role))
+            })?;
         }
     }
     Ok(())

@@ -420,14 +420,14 @@ fn replace_node_moves_parents_and_backends() {
     let mut b = [0u8; 1];
     be.read(0, &mut b).unwrap();
     assert_eq!(&b, b"B");
-    // top -> base; c -> top. Replacing base by c would make top -> c -> top.
+    // top -> base; c -> top. Moving top's edge to c would make top -> c -> top:
+    // like QEMU's should_update_child, that edge stays where it is.
     let c = g
         .add_node(&json!({"driver": "memory", "node-name": "c", "backing": "top"}))
         .unwrap();
-    let e = g.replace_node(&base, &c).unwrap_err();
-    assert!(e.to_string().contains("cycle"), "{e}");
+    g.replace_node(&base, &c).unwrap();
     assert!(Arc::ptr_eq(&top.backing().unwrap(), &base));
-    assert!(Arc::ptr_eq(&be.node(), &base));
+    assert!(Arc::ptr_eq(&be.node(), &c), "the backend (no cycle) moved");
 }
 
 #[test]
@@ -765,4 +765,115 @@ fn backend_requests_and_block_status_above() {
     be.write(12288, b"x", WriteFlags::default()).unwrap();
     be.truncate(2 << 20).unwrap();
     assert_eq!(top.len(), 2 << 20);
+}
+
+/// A filter with an extra `target` child it writes to (the shape of
+/// copy-before-write).
+struct TargetFilter;
+
+impl Driver for TargetFilter {
+    fn format_name(&self) -> &str {
+        "tfilter"
+    }
+    fn length(&self, node: &Node) -> Result<u64> {
+        Ok(node.file().map(|f| f.len()).unwrap_or(0))
+    }
+    fn read(&self, node: &Node, offset: u64, buf: &mut [u8]) -> Result<()> {
+        node.file().unwrap().read(offset, buf)
+    }
+    fn write(&self, node: &Node, offset: u64, buf: &[u8], f: WriteFlags) -> Result<()> {
+        let src = node.file().unwrap();
+        let mut old = vec![0u8; buf.len()];
+        src.read(offset, &mut old)?;
+        node.child(&Role::Named("target".into()))
+            .unwrap()
+            .write(offset, &old, f)?;
+        src.write(offset, buf, f)
+    }
+    fn is_filter(&self) -> bool {
+        true
+    }
+}
+
+#[test]
+fn cbw_shaped_filter_insertion_keeps_the_cyclic_backing_edge() {
+    let g = Graph::new();
+    g.register_driver("tfilter", |ctx| {
+        ctx.open_child("file", Role::File, true)?;
+        ctx.open_child("target", Role::Named("target".into()), true)?;
+        Ok(Box::new(TargetFilter))
+    });
+    let secondary = mem(&g, "secondary", 65536);
+    w(&secondary, 0, b"old!");
+    let hidden = g
+        .add_node(&json!({"driver": "memory", "node-name": "hidden", "backing": "secondary"}))
+        .unwrap();
+    let active = g
+        .add_node(&json!({"driver": "memory", "node-name": "active", "backing": "hidden"}))
+        .unwrap();
+    // A format parent that does not share write on the secondary disk's other side.
+    let exp = g
+        .new_backend_named("nbd-export", &secondary, PermPair::READ_WRITE)
+        .unwrap();
+    let f = g
+        .add_node(&json!({"driver": "tfilter", "node-name": "cbw", "file": "secondary", "target": "hidden"}))
+        .unwrap();
+    g.insert_filter_above(&secondary, &f).unwrap();
+    assert!(
+        Arc::ptr_eq(&exp.node(), &f),
+        "the export now writes through the filter"
+    );
+    assert!(
+        Arc::ptr_eq(&hidden.backing().unwrap(), &secondary),
+        "hidden keeps its backing edge"
+    );
+    exp.write(0, b"new!", WriteFlags::default()).unwrap();
+    assert_eq!(r(&secondary, 0, 4), b"new!");
+    assert_eq!(
+        r(&active, 0, 4),
+        b"old!",
+        "the secondary guest still sees the checkpoint"
+    );
+    g.remove_filter(&f).unwrap();
+    assert!(Arc::ptr_eq(&exp.node(), &secondary));
+}
+
+#[test]
+fn filters_pass_their_users_permissions_through() {
+    let g = Graph::new();
+    let disk = mem(&g, "disk", 4096);
+    // A format node writing to disk, sharing no write.
+    g.add_node(&json!({"driver": "raw", "node-name": "fmt", "file": "disk"}))
+        .unwrap();
+    // Inserting a filter above disk does not conflict with fmt (it takes fmt's place).
+    let f = g
+        .add_node(&json!({"driver": "blkdebug", "node-name": "f", "image": "disk"}))
+        .unwrap();
+    g.insert_filter_above(&disk, &f).unwrap();
+    // But a second writer on the filter conflicts with fmt, which is now above it.
+    let e = g
+        .new_backend_named("w2", &f, PermPair::READ_WRITE)
+        .unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::PermissionDenied);
+    assert!(e.to_string().contains("node 'fmt'"), "{e}");
+    // A writer on a filter over a read-only node is refused, naming the filter.
+    let ro = g
+        .add_node(&json!({"driver": "memory", "node-name": "ro", "size": 4096, "read-only": true}))
+        .unwrap();
+    let f2 = g
+        .add_node(&json!({"driver": "blkdebug", "node-name": "f2", "image": "ro"}))
+        .unwrap();
+    let e = g.new_backend(&f2, PermPair::READ_WRITE).unwrap_err();
+    assert!(e.to_string().contains("through filter 'f2'"), "{e}");
+    assert_eq!(e.node(), Some("ro"));
+    // And a node below a writing filter cannot be made read-only.
+    let b = g
+        .new_backend_named("guest", &f, PermPair::READ_ONLY)
+        .unwrap();
+    drop(b);
+    let e = g
+        .reopen(&[(disk.clone(), ReopenOpts { read_only: true })])
+        .unwrap_err();
+    assert!(e.to_string().contains("node 'f'"), "{e}");
+    let _ = ro;
 }
