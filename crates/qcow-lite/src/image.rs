@@ -233,6 +233,12 @@ impl<S: Storage> Qcow2<S> {
             ));
         }
         let cb = cs.trailing_zeros();
+        if opts.size % 512 != 0 {
+            return Err(Error::new(
+                ErrorKind::InvalidArgument,
+                format!("virtual size {} is not a multiple of 512", opts.size),
+            ));
+        }
         if opts.size > header::MAX_VIRTUAL_SIZE {
             return Err(Error::new(
                 ErrorKind::InvalidArgument,
@@ -1171,8 +1177,16 @@ impl<S: Storage> Qcow2<S> {
             if need_fill {
                 self.swrite(m, &cbuf, target, "data write")?;
             } else {
-                // Fresh cluster past the end of the file: it reads as zeros already.
+                // Fresh cluster past the end of the file: it reads as zeros
+                // already. Extend the file over the whole cluster so that
+                // the file's own block status sees no end inside it.
                 self.swrite(m, chunk, target + in_cl, "data write")?;
+                if m.file_len < target + cs {
+                    self.storage
+                        .set_len(target + cs)
+                        .map_err(io_err("extend", target + cs))?;
+                    m.file_len = target + cs;
+                }
             }
         }
         self.l2_set(m, l2_off, cl % self.l2_entries(), target | COPIED)?;
@@ -1374,6 +1388,12 @@ impl<S: Storage> Qcow2<S> {
             return Err(Error::new(
                 ErrorKind::InvalidArgument,
                 format!("shrinking from {} to {new_size} is not supported", m.h.size),
+            ));
+        }
+        if new_size % 512 != 0 {
+            return Err(Error::new(
+                ErrorKind::InvalidArgument,
+                format!("virtual size {new_size} is not a multiple of 512"),
             ));
         }
         if new_size > header::MAX_VIRTUAL_SIZE {

@@ -78,7 +78,9 @@ pub fn qemu_map(img: &Path, cs: u64, size: u64) -> Vec<K> {
         let data = e["data"].as_bool().unwrap();
         let zero = e["zero"].as_bool().unwrap();
         let off = e.get("offset").and_then(|o| o.as_u64());
-        let mut p = start;
+        // The kind of each cluster is that of the extent holding its first
+        // byte (QEMU splits clusters where the file itself has holes).
+        let mut p = start.div_ceil(cs) * cs;
         while p < start + len {
             let k = if depth > 0 || !present {
                 K::Unalloc
