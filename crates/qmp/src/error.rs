@@ -35,6 +35,15 @@ impl ErrorClass {
         }
     }
 
+    /// The class named `name` on the wire; unknown names (a newer QEMU's)
+    /// read as `GenericError`, which is what they mean to old clients.
+    pub fn from_name(name: &str) -> ErrorClass {
+        Self::ALL
+            .into_iter()
+            .find(|c| c.as_str() == name)
+            .unwrap_or(ErrorClass::GenericError)
+    }
+
     /// Every class, in QEMU's order.
     pub const ALL: [ErrorClass; 5] = [
         ErrorClass::GenericError,
@@ -126,9 +135,13 @@ pub enum ErrorKind {
     Schema,
     /// A command name is registered twice.
     DuplicateCommand,
+    /// (client) The peer broke the protocol or did not answer in time.
+    Protocol,
+    /// (client) The command ran and failed; the server's error is inside.
+    Command,
 }
 
-/// The crate's error for setting up a server or a command registry.
+/// The crate's error: setting up a server or a registry, and the client.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
     /// A socket operation failed.
@@ -160,6 +173,21 @@ pub enum Error {
         /// The command name.
         name: String,
     },
+    /// (client) The server sent something that is not QMP, or timed out.
+    #[error("QMP protocol error: {reason}")]
+    Protocol {
+        /// What was wrong.
+        reason: String,
+    },
+    /// (client) The command `name` returned an error.
+    #[error("QMP command {name} failed: {error}")]
+    Command {
+        /// The command that failed.
+        name: String,
+        /// The server's error.
+        #[source]
+        error: QmpError,
+    },
 }
 
 impl Error {
@@ -170,6 +198,8 @@ impl Error {
             Error::AddressInUse { .. } => ErrorKind::AddressInUse,
             Error::Schema { .. } => ErrorKind::Schema,
             Error::DuplicateCommand { .. } => ErrorKind::DuplicateCommand,
+            Error::Protocol { .. } => ErrorKind::Protocol,
+            Error::Command { .. } => ErrorKind::Command,
         }
     }
 

@@ -38,6 +38,7 @@
 //! Versions: the greeting reports QEMU 9.2.0 (the QEMU whose command shapes
 //! are followed) and `package` "blockrep VERSION"; see [`VersionInfo`].
 
+mod client;
 mod error;
 mod events;
 pub mod json;
@@ -46,6 +47,7 @@ mod schema;
 mod server;
 mod session;
 
+pub use client::Client;
 pub use error::{Error, ErrorClass, ErrorKind, QmpError};
 pub use events::{Event, EventEmitter, SUBSCRIBER_QUEUE};
 pub use registry::{Args, Handler, Registry, VersionInfo};

@@ -337,3 +337,53 @@ fn panicking_handler_is_an_error_not_a_dead_server() {
     );
     server.join();
 }
+
+#[test]
+fn rust_client_executes_and_collects_events() {
+    let dir = tempfile::tempdir().unwrap();
+    let probe = Arc::new(Probe::default());
+    let cfg = ServerConfig::unix(dir.path().join("c.sock"))
+        .with_tcp(SocketAddr::from((Ipv4Addr::LOCALHOST, 0)));
+    let server = Server::start(demo_registry(probe), cfg).unwrap();
+    let mut c = qmp::Client::connect_unix(server.unix_path().unwrap()).unwrap();
+    assert_eq!(c.greeting()["QMP"]["version"]["qemu"]["major"], 9);
+    assert_eq!(
+        c.execute("x-add", json!({"a": 2, "b": 3})).unwrap(),
+        json!(5)
+    );
+    match c.execute("x-fail", json!({"device": "d9"})).unwrap_err() {
+        qmp::Error::Command { name, error } => {
+            assert_eq!(name, "x-fail");
+            assert_eq!(error.class, qmp::ErrorClass::DeviceNotFound);
+            assert_eq!(error.desc, "Device 'd9' not found");
+        }
+        other => panic!("unexpected {other}"),
+    }
+    // Events that arrive during a command are kept in order.
+    c.execute("x-emit", json!({"event": "ONE"})).unwrap();
+    c.execute("x-emit", json!({"event": "TWO", "data": {"n": 2}}))
+        .unwrap();
+    assert_eq!(
+        c.wait_event("TWO", Duration::from_secs(5)).unwrap()["data"]["n"],
+        2
+    );
+    let rest = c.events();
+    assert_eq!(rest.len(), 1);
+    assert_eq!(rest[0]["event"], "ONE");
+    let mut t = qmp::Client::connect_tcp(server.tcp_addr().unwrap()).unwrap();
+    server.events().emit("BOTH", Value::Null);
+    assert_eq!(
+        t.wait_event("BOTH", Duration::from_secs(5)).unwrap()["event"],
+        "BOTH"
+    );
+    assert_eq!(
+        c.wait_event("BOTH", Duration::from_secs(5)).unwrap()["event"],
+        "BOTH"
+    );
+    let e = t
+        .wait_event("NEVER", Duration::from_millis(50))
+        .unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::Protocol);
+    c.execute("quit", Value::Null).unwrap();
+    assert_eq!(server.join(), ShutdownReason::Quit);
+}
