@@ -1,0 +1,150 @@
+//! `bench`: qemu-img's simple I/O benchmark, over our stack: `depth`
+//! threads issue `count` requests of `size` bytes, `step` bytes apart,
+//! wrapping at the end of the image.
+
+use super::chain::Chain;
+use super::size::parse_size;
+use super::{fail1, parse_format, Format, ImgError, VerbResult};
+use clap::Args;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Mutex;
+use std::time::Instant;
+
+/// Arguments of `bench` (qemu-img's flags).
+#[derive(Debug, Args)]
+pub struct BenchArgs {
+    /// Number of requests.
+    #[arg(short = 'c', default_value_t = 75000)]
+    count: u64,
+    /// Requests in flight (threads).
+    #[arg(short = 'd', default_value_t = 64)]
+    depth: u64,
+    /// Format of the image.
+    #[arg(short = 'f', value_parser = parse_format)]
+    format: Option<Format>,
+    /// Flush after this many write requests (0: never).
+    #[arg(long = "flush-interval", default_value_t = 0)]
+    flush_interval: u64,
+    /// Do not flush at the end (with --flush-interval).
+    #[arg(long = "no-drain")]
+    no_drain: bool,
+    /// Native AIO mode (accepted; we use threads).
+    #[arg(short = 'i')]
+    aio: Option<String>,
+    /// No host cache (accepted; we use the page cache).
+    #[arg(short = 'n')]
+    nocache: bool,
+    /// Offset of the first request.
+    #[arg(short = 'o', default_value = "0")]
+    offset: String,
+    /// Byte written by write requests.
+    #[arg(long = "pattern", default_value_t = 0)]
+    pattern: u8,
+    /// Quiet.
+    #[arg(short = 'q')]
+    quiet: bool,
+    /// Request size.
+    #[arg(short = 's', default_value = "4096")]
+    size: String,
+    /// Step between requests (default: the request size).
+    #[arg(short = 'S')]
+    step: Option<String>,
+    /// Cache mode (accepted for compatibility).
+    #[arg(short = 't')]
+    cache: Option<String>,
+    /// Write requests instead of reads.
+    #[arg(short = 'w')]
+    write: bool,
+    /// Force share (accepted for compatibility).
+    #[arg(short = 'U', long = "force-share")]
+    force_share: bool,
+    /// The image.
+    filename: String,
+}
+
+/// Run `bench`.
+pub fn run(a: BenchArgs) -> VerbResult {
+    let _ = (&a.aio, a.nocache, &a.cache, a.force_share);
+    fail1(run_inner(&a)).map(|()| 0)
+}
+
+fn run_inner(a: &BenchArgs) -> Result<(), ImgError> {
+    let bufsize = parse_size(&a.size)?;
+    let step = match &a.step {
+        Some(s) => parse_size(s)?,
+        None => bufsize,
+    };
+    let offset = parse_size(&a.offset)?;
+    if bufsize == 0 || bufsize > (64 << 20) {
+        return Err(ImgError::usage("Invalid buffer size (1 byte to 64 MiB)"));
+    }
+    if a.depth == 0 || a.depth > 1024 {
+        return Err(ImgError::usage("Invalid queue depth (1 to 1024)"));
+    }
+    if a.flush_interval > 0 && !a.write {
+        return Err(ImgError::usage("--flush-interval is only available in write tests"));
+    }
+    let chain = Chain::open(&a.filename, a.format, a.write, true)?;
+    let image_size = chain.size();
+    if offset.checked_add(bufsize).is_none_or(|e| e > image_size) {
+        return Err(ImgError::usage(format!(
+            "Requests of {bufsize} bytes at offset {offset} do not fit in the image ({image_size} bytes)"
+        )));
+    }
+    if !a.quiet {
+        println!(
+            "Sending {} {} requests, {bufsize} bytes each, {} in parallel (starting at offset {offset}, step size {step})",
+            a.count,
+            if a.write { "write" } else { "read" },
+            a.depth
+        );
+    }
+    let next = AtomicU64::new(0);
+    let first_err: Mutex<Option<ImgError>> = Mutex::new(None);
+    let span = image_size - bufsize + 1;
+    let start = Instant::now();
+    std::thread::scope(|s| {
+        for _ in 0..a.depth.min(a.count.max(1)) {
+            s.spawn(|| {
+                let mut buf = vec![a.pattern; bufsize as usize];
+                loop {
+                    let i = next.fetch_add(1, Ordering::Relaxed);
+                    if i >= a.count {
+                        break;
+                    }
+                    let off = (offset + i.wrapping_mul(step) % span.max(1)) % span.max(1);
+                    let r = if a.write {
+                        let r = chain.write_at_layer(0, off, &buf);
+                        if r.is_ok() && a.flush_interval > 0 && (i + 1) % a.flush_interval == 0 {
+                            chain.close()
+                        } else {
+                            r
+                        }
+                    } else {
+                        chain.read(off, &mut buf)
+                    };
+                    if let Err(e) = r {
+                        let mut g = first_err.lock().unwrap_or_else(|p| p.into_inner());
+                        g.get_or_insert(e);
+                        next.store(a.count, Ordering::Relaxed);
+                        break;
+                    }
+                }
+            });
+        }
+    });
+    if let Some(e) = first_err.into_inner().unwrap_or_else(|p| p.into_inner()) {
+        return Err(e);
+    }
+    if a.write && !a.no_drain {
+        chain.close()?;
+    }
+    let secs = start.elapsed().as_secs_f64();
+    if a.write {
+        chain.close()?;
+    }
+    if !a.quiet {
+        println!("Run completed in {secs:.3} seconds.");
+    }
+    Ok(())
+}
