@@ -151,6 +151,20 @@ impl EventEmitter {
         id
     }
 
+    /// Runs `before`, then adds `sink`, as one step for [`Self::emit`]: an
+    /// event is either emitted before `before` ran (and not delivered to
+    /// `sink`) or after it (and delivered). The server queues the
+    /// `qmp_capabilities` reply in `before`, so no event can overtake it
+    /// and none emitted after the client has read it is lost.
+    pub(crate) fn add_after(&self, before: impl FnOnce(), sink: Sink) -> u64 {
+        let mut subs = self.subs.lock();
+        before();
+        subs.next_id += 1;
+        let id = subs.next_id;
+        subs.list.push(Sub { id, sink });
+        id
+    }
+
     pub(crate) fn remove(&self, id: u64) {
         self.subs.lock().list.retain(|s| s.id != id);
     }

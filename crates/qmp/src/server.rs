@@ -609,27 +609,35 @@ fn serve_client(shared: &Arc<Shared>, id: u64, mut stream: Stream) {
     let mut sub = None;
     let _ = tx.send(Out::Msg(to_wire(&session.greeting())));
     let mut buf = vec![0u8; 64 * 1024];
-    let mut replies = Vec::new();
-    'read: loop {
+    // Shuts the connection if the client falls too far behind on events.
+    let mut kick = stream.try_clone().ok();
+    loop {
         let n = match stream.read(&mut buf) {
             Ok(0) => break,
             Ok(n) => n,
             Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
             Err(_) => break,
         };
-        replies.clear();
-        session.feed(&buf[..n], &mut replies);
-        for r in replies.drain(..) {
-            if tx.send(Out::Msg(to_wire(&r))).is_err() {
-                break 'read;
+        let mut alive = true;
+        session.feed_each(&buf[..n], |reply, negotiated| {
+            let msg = Out::Msg(to_wire(&reply));
+            if negotiated && sub.is_none() {
+                let Some(k) = kick.take() else {
+                    alive = false;
+                    return false;
+                };
+                let mut queued = false;
+                let sink = channel_sink(tx.clone(), move || k.shutdown());
+                // Reply queued and subscription added as one step for emit().
+                sub = Some(events.add_after(|| queued = tx.try_send(msg).is_ok(), sink));
+                alive = queued;
+            } else {
+                alive = tx.send(msg).is_ok();
             }
-        }
-        if sub.is_none() && session.negotiated() {
-            let kick = match stream.try_clone() {
-                Ok(s) => s,
-                Err(_) => break,
-            };
-            sub = Some(events.add(channel_sink(tx.clone(), move || kick.shutdown())));
+            alive
+        });
+        if !alive {
+            break;
         }
         if session.quit_requested() {
             shared.begin_shutdown(ShutdownReason::Quit);

@@ -88,15 +88,30 @@ impl Session {
     /// per complete JSON value (or parse error) in the input. Stops early
     /// after `quit` (the rest is ignored, as QEMU exits).
     pub fn feed(&mut self, bytes: &[u8], out: &mut Vec<Value>) {
+        self.feed_each(bytes, |r, _| {
+            out.push(r);
+            true
+        });
+    }
+
+    /// Like [`Session::feed`], but hands over each reply as soon as it is
+    /// made, with whether the session is negotiated after it (so a server
+    /// can start delivering events exactly after the `qmp_capabilities`
+    /// reply). `on_reply` returns false to stop; later requests in `bytes`
+    /// are then dropped.
+    pub fn feed_each(&mut self, bytes: &[u8], mut on_reply: impl FnMut(Value, bool) -> bool) {
         let mut pieces: Vec<Piece> = Vec::new();
         self.splitter.feed(bytes, &mut pieces);
         for p in pieces {
             if self.quit {
                 break;
             }
-            match p {
-                Ok(v) => out.push(self.handle(v)),
-                Err(desc) => out.push(error_response(&QmpError::generic(desc), None)),
+            let reply = match p {
+                Ok(v) => self.handle(v),
+                Err(desc) => error_response(&QmpError::generic(desc), None),
+            };
+            if !on_reply(reply, self.negotiated) {
+                break;
             }
         }
     }
