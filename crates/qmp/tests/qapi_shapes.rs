@@ -291,3 +291,78 @@ fn deeply_nested_definitions_are_checked_by_the_server() {
     assert_eq!(seen.lock().unwrap().len(), 1);
     server.join();
 }
+
+fn arb_json() -> impl proptest::strategy::Strategy<Value = Value> {
+    use proptest::prelude::*;
+    let key = prop_oneof![
+        Just("driver".to_string()),
+        Just("file".to_string()),
+        Just("backing".to_string()),
+        Just("filename".to_string()),
+        Just("children".to_string()),
+        Just("vote-threshold".to_string()),
+        Just("mode".to_string()),
+        Just("node-name".to_string()),
+        Just("type".to_string()),
+        Just("data".to_string()),
+        Just("path".to_string()),
+        Just("image".to_string()),
+        Just("inject-error".to_string()),
+        Just("event".to_string()),
+        "[a-z-]{1,6}",
+    ];
+    let leaf = prop_oneof![
+        Just(Value::Null),
+        any::<bool>().prop_map(Value::Bool),
+        any::<i64>().prop_map(|n| json!(n)),
+        prop_oneof![
+            Just("file"),
+            Just("qcow2"),
+            Just("raw"),
+            Just("quorum"),
+            Just("replication"),
+            Just("nbd"),
+            Just("blkdebug"),
+            Just("null-co"),
+            Just("unix"),
+            Just("inet"),
+            Just("secondary"),
+            Just("pwritev"),
+            Just("x")
+        ]
+        .prop_map(|s| json!(s)),
+    ];
+    leaf.prop_recursive(5, 48, 5, move |inner| {
+        prop_oneof![
+            proptest::collection::vec(inner.clone(), 0..4).prop_map(Value::Array),
+            proptest::collection::btree_map(key.clone(), inner, 0..5)
+                .prop_map(|m| Value::Object(m.into_iter().collect())),
+        ]
+    })
+}
+
+proptest::proptest! {
+    /// Random nested arguments to QEMU-shaped commands: one reply each, the
+    /// handler runs only when the checker accepted, and a rejection never
+    /// reaches the handler.
+    #[test]
+    fn random_arguments_to_qemu_shaped_commands(
+        cmd in proptest::sample::select(vec!["blockdev-add", "nbd-server-start", "xen-set-replication", "x-blockdev-change"]),
+        args in arb_json(),
+    ) {
+        let (mut s, seen) = setup();
+        let req = json!({"execute": cmd, "arguments": args, "id": 7});
+        let mut out = Vec::new();
+        s.feed(req.to_string().as_bytes(), &mut out);
+        proptest::prop_assert_eq!(out.len(), 1);
+        let r = &out[0];
+        proptest::prop_assert_eq!(&r["id"], &json!(7));
+        let ran = seen.lock().unwrap().len();
+        if r.get("return").is_some() {
+            proptest::prop_assert_eq!(ran, 1);
+        } else {
+            proptest::prop_assert_eq!(ran, 0);
+            proptest::prop_assert_eq!(&r["error"]["class"], &json!("GenericError"), "{}", r);
+        }
+    }
+}
