@@ -292,6 +292,70 @@ fn deeply_nested_definitions_are_checked_by_the_server() {
     server.join();
 }
 
+fn valid_args(cmd: &str) -> Value {
+    match cmd {
+        "blockdev-add" => json!({
+            "driver": "replication", "node-name": "rep", "mode": "secondary", "top-id": "top",
+            "file": {"driver": "qcow2", "file": {"driver": "file", "filename": "/a"},
+                "backing": {"driver": "quorum", "vote-threshold": 1,
+                    "children": ["x", {"driver": "blkdebug", "image": "y",
+                        "inject-error": [{"event": "pwritev", "once": true}]}]}}}),
+        "nbd-server-start" => json!({"addr": {"type": "unix", "data": {"path": "/s"}}}),
+        "xen-set-replication" => json!({"enable": true, "primary": false}),
+        _ => json!({"parent": "q", "node": "n"}),
+    }
+}
+
+fn count_objects(v: &Value) -> usize {
+    match v {
+        Value::Object(m) => 1 + m.values().map(count_objects).sum::<usize>(),
+        Value::Array(a) => a.iter().map(count_objects).sum(),
+        _ => 0,
+    }
+}
+
+fn nth_object<'a>(
+    v: &'a mut Value,
+    n: &mut usize,
+) -> Option<&'a mut serde_json::Map<String, Value>> {
+    match v {
+        Value::Object(m) => {
+            if *n == 0 {
+                return Some(m);
+            }
+            *n -= 1;
+            m.values_mut().find_map(|c| nth_object(c, n))
+        }
+        Value::Array(a) => a.iter_mut().find_map(|c| nth_object(c, n)),
+        _ => None,
+    }
+}
+
+/// Changes the `node`-th object (pre-order, modulo their count): op 0
+/// removes a member, 1 sets member `key` to `val`, 2 changes nothing.
+fn mutate_one(v: &mut Value, node: usize, op: u8, key: &str, val: Value) {
+    let count = count_objects(v);
+    if count == 0 {
+        return;
+    }
+    let mut n = node % count;
+    let Some(m) = nth_object(v, &mut n) else {
+        return;
+    };
+    match op {
+        0 => {
+            let k = m.keys().nth(node % m.len().max(1)).cloned();
+            if let Some(k) = k {
+                m.remove(&k);
+            }
+        }
+        1 => {
+            m.insert(key.to_string(), val);
+        }
+        _ => {}
+    }
+}
+
 fn arb_json() -> impl proptest::strategy::Strategy<Value = Value> {
     use proptest::prelude::*;
     let key = prop_oneof![
@@ -348,8 +412,21 @@ proptest::proptest! {
     #[test]
     fn random_arguments_to_qemu_shaped_commands(
         cmd in proptest::sample::select(vec!["blockdev-add", "nbd-server-start", "xen-set-replication", "x-blockdev-change"]),
-        args in arb_json(),
+        random in arb_json(),
+        template in 0usize..4,
+        mutate in proptest::option::of((0usize..64, 0u8..3, "[a-z-]{1,6}", arb_json())),
     ) {
+        // Half the cases start from a valid request and change one thing
+        // somewhere inside it (or nothing), so both outcomes are exercised.
+        let args = if template == 0 {
+            random
+        } else {
+            let mut v = valid_args(cmd);
+            if let Some((node, op, key, val)) = mutate {
+                mutate_one(&mut v, node, op, &key, val);
+            }
+            v
+        };
         let (mut s, seen) = setup();
         let req = json!({"execute": cmd, "arguments": args, "id": 7});
         let mut out = Vec::new();
