@@ -35,6 +35,10 @@
 //! # Ok::<(), qmp::Error>(())
 //! ```
 //!
+//! Also: [`Registry::execute`] runs a command in-process with the same
+//! checks; [`Session`] is the protocol without sockets; [`Client`] is a
+//! blocking client for tests and tools.
+//!
 //! Versions: the greeting reports QEMU 9.2.0 (the QEMU whose command shapes
 //! are followed) and `package` "blockrep VERSION"; see [`VersionInfo`].
 
