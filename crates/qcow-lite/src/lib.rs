@@ -45,6 +45,7 @@
 
 mod cache;
 mod chain;
+pub mod driver;
 mod error;
 pub mod fuzzing;
 mod header;
@@ -52,6 +53,7 @@ mod image;
 pub mod storage;
 
 pub use chain::{open_chain, resolve_backing, ImageChain, MAX_CHAIN_DEPTH};
+pub use driver::{register, Qcow2Driver};
 pub use error::{Error, ErrorKind, Result};
 pub use image::{
     BackingRead, Chain, CheckReport, CreateOptions, Mapping, OpenOptions, Preallocation, Qcow2,

@@ -120,13 +120,15 @@ fn run_schedule(seed: u64, qemu_check: bool) {
         if !model.allowed(i, v) {
             panic!(
                 "{ctx}: byte {i} reads {v:#x}; flushed value {:#x}, later writes {:?}",
-                model.durable[i],
-                model.since_flush[i]
+                model.durable[i], model.since_flush[i]
             );
         }
     }
     let report = img.check().unwrap();
-    assert!(report.is_clean(), "{ctx}: our check after repair: {report:?}");
+    assert!(
+        report.is_clean(),
+        "{ctx}: our check after repair: {report:?}"
+    );
     img.close().unwrap();
     drop(img);
     if qemu_check {

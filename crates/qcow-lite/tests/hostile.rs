@@ -29,7 +29,8 @@ fn base_images() -> &'static Vec<Vec<u8>> {
             .unwrap();
             for i in 0..20u64 {
                 let off = (i * 7919 * cs / 3) % (size - 2 * cs);
-                img.write(off, &vec![i as u8 + 1; cs as usize + 100], None).unwrap();
+                img.write(off, &vec![i as u8 + 1; cs as usize + 100], None)
+                    .unwrap();
             }
             img.write_zeroes(size - cs, cs, false, None).unwrap();
             img.close().unwrap();
@@ -47,7 +48,16 @@ fn cases() -> u32 {
         .unwrap_or(64)
 }
 
-const SPECIAL: [u64; 8] = [0, 1, 0x200, u64::MAX, 1 << 62, 1 << 63, 0x00ff_ffff_ffff_fe00, 0x7fff_ffff];
+const SPECIAL: [u64; 8] = [
+    0,
+    1,
+    0x200,
+    u64::MAX,
+    1 << 62,
+    1 << 63,
+    0x00ff_ffff_ffff_fe00,
+    0x7fff_ffff,
+];
 
 proptest! {
     #![proptest_config(ProptestConfig::with_cases(cases()))]
@@ -105,9 +115,15 @@ fn patched(off: usize, val: &[u8]) -> Vec<u8> {
 fn unsupported_features_are_named() {
     let cases: Vec<(Vec<u8>, &str)> = vec![
         (patched(32, &1u32.to_be_bytes()), "encryption"),
-        (patched(72, &(1u64 << 2).to_be_bytes()), "external data file"),
+        (
+            patched(72, &(1u64 << 2).to_be_bytes()),
+            "external data file",
+        ),
         (patched(72, &(1u64 << 4).to_be_bytes()), "extended L2"),
-        (patched(72, &(1u64 << 20).to_be_bytes()), "unknown incompatible feature bits 0x100000"),
+        (
+            patched(72, &(1u64 << 20).to_be_bytes()),
+            "unknown incompatible feature bits 0x100000",
+        ),
         (patched(4, &2u32.to_be_bytes()), "version 2"),
     ];
     for (bytes, what) in cases {
@@ -126,8 +142,17 @@ fn unsupported_features_are_named() {
 
 #[test]
 fn bad_magic_and_bad_cluster_bits() {
-    assert_eq!(refused(patched(0, b"XXXX"), true).kind(), ErrorKind::InvalidImage);
-    assert_eq!(refused(patched(20, &22u32.to_be_bytes()), true).kind(), ErrorKind::InvalidImage);
-    assert_eq!(refused(patched(20, &8u32.to_be_bytes()), true).kind(), ErrorKind::InvalidImage);
+    assert_eq!(
+        refused(patched(0, b"XXXX"), true).kind(),
+        ErrorKind::InvalidImage
+    );
+    assert_eq!(
+        refused(patched(20, &22u32.to_be_bytes()), true).kind(),
+        ErrorKind::InvalidImage
+    );
+    assert_eq!(
+        refused(patched(20, &8u32.to_be_bytes()), true).kind(),
+        ErrorKind::InvalidImage
+    );
     assert_eq!(refused(Vec::new(), true).kind(), ErrorKind::InvalidImage);
 }

@@ -32,7 +32,11 @@ fn to_op(size: u64, cs: u64, (k, f, len, flag, seed): (u8, f64, u64, bool, u8)) 
     };
     match k {
         0..=4 => Op::Write { off, len, seed },
-        5 | 6 => Op::Zero { off, len, unmap: seed % 2 == 0 },
+        5 | 6 => Op::Zero {
+            off,
+            len,
+            unmap: seed % 2 == 0,
+        },
         7 | 8 => Op::Discard { off, len },
         _ => Op::Flush,
     }
