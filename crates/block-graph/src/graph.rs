@@ -648,7 +648,6 @@ impl Graph {
             .into_iter()
             .filter(|(p, _, _)| !new.reaches(p))
             .collect();
-        let ok = key(old);
         let moved_edges: Vec<(usize, Role)> =
             moved.iter().map(|(p, r, _)| (key(p), r.clone())).collect();
         let moved_backends: Vec<u64> = old.backends.lock().iter().map(|b| b.id).collect();
@@ -661,7 +660,6 @@ impl Graph {
                             .any(|(k, r)| *k == pk && u.role.as_ref() == Some(r))
                 })
         };
-        let _ = ok;
         for (p, role, perms) in &moved {
             let eff = effective_perms(p, role, *perms, 0);
             check_user(
