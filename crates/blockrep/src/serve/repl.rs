@@ -1,0 +1,144 @@
+//! COLO block replication commands, as QEMU's `migration/colo.c` has them
+//! (`xen-set-replication`, `query-xen-replication-status`,
+//! `xen-colo-do-checkpoint`, `x-colo-lost-heartbeat`), and our status query
+//! ([`super::STATUS_COMMAND`]).
+
+use std::time::UNIX_EPOCH;
+
+use qmp::{Args, QmpError};
+use replication_core::ReplicationMode;
+use replication_driver::{Replication, ReplicationState};
+use serde_json::{json, Value};
+
+use super::block::generic;
+use super::log::log_at;
+use super::Daemon;
+
+/// `xen-set-replication`: start every replication node in a mode, or stop
+/// them (a failover stop ignores errors, as QEMU does).
+pub(crate) fn xen_set_replication(d: &Daemon, a: &Args) -> Result<Value, QmpError> {
+    let enable = a.bool("enable")?;
+    let primary = a.bool("primary")?;
+    let failover = a.opt_bool("failover");
+    if enable && failover.is_some() {
+        return Err(QmpError::generic(
+            "Parameter 'failover' is only for stopping replication",
+        ));
+    }
+    if enable {
+        let mode = if primary {
+            ReplicationMode::Primary
+        } else {
+            ReplicationMode::Secondary
+        };
+        d.repl.start_all(mode).map_err(generic)?;
+        log_at!(Info, "replication started ({mode})");
+    } else {
+        let failover = failover.unwrap_or(false);
+        match d.repl.stop_all(failover) {
+            Ok(()) => log_at!(Info, "replication stopped (failover={failover})"),
+            Err(e) if failover => log_at!(Warn, "replication failover: {e}"),
+            Err(e) => return Err(generic(e)),
+        }
+    }
+    Ok(json!({}))
+}
+
+/// `query-xen-replication-status`: `{"error": false}` or
+/// `{"error": true, "desc": ...}`.
+pub(crate) fn query_status(d: &Daemon) -> Result<Value, QmpError> {
+    Ok(match d.repl.get_error_all() {
+        Ok(()) => json!({"error": false}),
+        Err(e) => json!({"error": true, "desc": e.to_string()}),
+    })
+}
+
+/// `xen-colo-do-checkpoint`.
+pub(crate) fn do_checkpoint(d: &Daemon) -> Result<Value, QmpError> {
+    d.repl.checkpoint_all().map_err(generic)?;
+    log_at!(Debug, "checkpoint done");
+    Ok(json!({}))
+}
+
+/// `x-colo-lost-heartbeat`: the peer is gone; fail over (stop every
+/// replication node with failover; on the secondary this commits the
+/// active and hidden disks into the secondary disk in the background).
+pub(crate) fn lost_heartbeat(d: &Daemon) -> Result<Value, QmpError> {
+    let running = replications(d)
+        .iter()
+        .any(|r| r.state() == ReplicationState::Running);
+    if !running {
+        return Err(QmpError::generic("The feature 'colo' is not enabled"));
+    }
+    log_at!(Info, "lost heartbeat: failing over");
+    if let Err(e) = d.repl.stop_all(true) {
+        log_at!(Warn, "failover: {e}");
+    }
+    Ok(json!({}))
+}
+
+fn replications(d: &Daemon) -> Vec<Replication> {
+    d.graph
+        .nodes()
+        .iter()
+        .filter_map(|n| Replication::of(n))
+        .collect()
+}
+
+fn status_json(r: &Replication) -> Value {
+    let s = r.status();
+    let mut v = json!({
+        "node-name": s.node_name,
+        "mode": s.mode.to_string(),
+        "state": s.state.as_str(),
+        "error": s.error.is_some(),
+        "bytes-forwarded": s.bytes_forwarded,
+        "forward-errors": s.forward_errors,
+        "clusters-copied-since-checkpoint": s.clusters_copied_since_checkpoint,
+        "checkpoints": s.checkpoint_epoch,
+    });
+    if let Some(e) = s.error {
+        v["desc"] = json!(e);
+    }
+    if let Some(t) = s.last_checkpoint_at {
+        let t = t.duration_since(UNIX_EPOCH).unwrap_or_default();
+        v["last-checkpoint"] = json!({"seconds": t.as_secs(), "microseconds": t.subsec_micros()});
+    }
+    if let Some(dur) = s.last_checkpoint_duration {
+        v["last-checkpoint-duration-us"] = json!(dur.as_micros() as u64);
+    }
+    if let Some(dur) = s.failover_duration {
+        v["failover-duration-us"] = json!(dur.as_micros() as u64);
+    }
+    v
+}
+
+/// Our status query: one object per replication node (or only `node-name`).
+pub(crate) fn blockrep_status(d: &Daemon, a: &Args) -> Result<Value, QmpError> {
+    if let Some(name) = a.opt_str("node-name") {
+        let n = d
+            .graph
+            .node(name)
+            .map_err(|_| QmpError::device_not_found(format!("Cannot find node-name='{name}'")))?;
+        let r = Replication::of(&n)
+            .ok_or_else(|| QmpError::generic(format!("Node '{name}' is not a replication node")))?;
+        return Ok(json!([status_json(&r)]));
+    }
+    Ok(Value::Array(
+        replications(d).iter().map(status_json).collect(),
+    ))
+}
+
+/// At shutdown: stop every running replication node without failover
+/// (before the nodes are closed), so the secondary's backup job ends and
+/// its buffers are dropped outside of the graph's drained sections.
+pub(crate) fn stop_running(d: &Daemon) {
+    for r in replications(d) {
+        if r.state() == ReplicationState::Running {
+            match r.stop(false) {
+                Ok(()) => log_at!(Info, "replication node '{}' stopped", r.name()),
+                Err(e) => log_at!(Warn, "stopping replication node '{}': {e}", r.name()),
+            }
+        }
+    }
+}
