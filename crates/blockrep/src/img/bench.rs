@@ -4,7 +4,7 @@
 
 use super::chain::Chain;
 use super::size::parse_size;
-use super::{fail1, parse_format, Format, ImgError, VerbResult};
+use super::{fail1, opt_fmt, FormatName, ImgError, VerbResult};
 use clap::Args;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Mutex;
@@ -20,8 +20,8 @@ pub struct BenchArgs {
     #[arg(short = 'd', default_value_t = 64)]
     depth: u64,
     /// Format of the image.
-    #[arg(short = 'f', value_parser = parse_format)]
-    format: Option<Format>,
+    #[arg(short = 'f')]
+    format: Option<FormatName>,
     /// Flush after this many write requests (0: never).
     #[arg(long = "flush-interval", default_value_t = 0)]
     flush_interval: u64,
@@ -82,11 +82,13 @@ fn run_inner(a: &BenchArgs) -> Result<(), ImgError> {
         return Err(ImgError::usage("Invalid queue depth (1 to 1024)"));
     }
     if a.flush_interval > 0 && !a.write {
-        return Err(ImgError::usage("--flush-interval is only available in write tests"));
+        return Err(ImgError::usage(
+            "--flush-interval is only available in write tests",
+        ));
     }
-    let chain = Chain::open(&a.filename, a.format, a.write, true)?;
+    let chain = Chain::open(&a.filename, opt_fmt(&a.format)?, a.write, true)?;
     let image_size = chain.size();
-    if offset.checked_add(bufsize).is_none_or(|e| e > image_size) {
+    if offset.checked_add(bufsize).map_or(true, |e| e > image_size) {
         return Err(ImgError::usage(format!(
             "Requests of {bufsize} bytes at offset {offset} do not fit in the image ({image_size} bytes)"
         )));

@@ -19,7 +19,7 @@ pub const MAX_DEPTH: usize = 64;
 /// The bytes of one layer.
 pub enum Backend {
     /// A qcow2 image.
-    Qcow2(Qcow2<File>),
+    Qcow2(Box<Qcow2<File>>),
     /// A raw file.
     Raw(File),
 }
@@ -47,7 +47,8 @@ impl Layer {
     pub fn size(&self) -> u64 {
         match &self.backend {
             Backend::Qcow2(q) => q.size(),
-            Backend::Raw(f) => Storage::len(f).unwrap_or(0),
+            // Like QEMU, whole 512-byte sectors (the tail reads as zeros).
+            Backend::Raw(f) => Storage::len(f).unwrap_or(0).div_ceil(512) * 512,
         }
     }
 }
@@ -136,7 +137,7 @@ pub fn open_layer(
                 path: path.to_path_buf(),
                 format,
                 header: Some(header),
-                backend: Backend::Qcow2(q),
+                backend: Backend::Qcow2(Box::new(q)),
                 walker: Some(Mutex::new(walker)),
                 prealloc,
             })
@@ -183,10 +184,7 @@ impl Chain {
             };
             let bfmt = match h.backing_format.as_deref() {
                 Some(f) => Some(Format::parse(f).map_err(|_| {
-                    ImgError::image(format!(
-                        "'{}': unsupported backing format '{f}'",
-                        last.name
-                    ))
+                    ImgError::image(format!("'{}': unsupported backing format '{f}'", last.name))
                 })?),
                 None => None,
             };
@@ -240,9 +238,8 @@ impl Chain {
 
     /// Read as seen from layer `idx` (that layer and the ones below).
     pub fn read_at_layer(&self, idx: usize, offset: u64, buf: &mut [u8]) -> Result<(), ImgError> {
-        self.read_from(idx, offset, buf).map_err(|e| {
-            ImgError::qcow(format!("read '{}' at {offset}", self.layers[idx].name), e)
-        })
+        self.read_from(idx, offset, buf)
+            .map_err(|e| ImgError::qcow(format!("read '{}' at {offset}", self.layers[idx].name), e))
     }
 
     fn below(&self, idx: usize) -> Option<Below<'_>> {
@@ -288,8 +285,13 @@ impl Chain {
             Backend::Raw(f) => zero_raw(f, offset, len).map_err(|e| ImgError::io(ctx(), e)),
             Backend::Qcow2(q) => {
                 let below = self.below(idx);
-                q.write_zeroes(offset, len, true, below.as_ref().map(|b| b as &dyn BackingRead))
-                    .map_err(|e| ImgError::qcow(ctx(), e))
+                q.write_zeroes(
+                    offset,
+                    len,
+                    true,
+                    below.as_ref().map(|b| b as &dyn BackingRead),
+                )
+                .map_err(|e| ImgError::qcow(ctx(), e))
             }
         }
     }
@@ -348,7 +350,6 @@ impl Chain {
                     ClusterKind::ZeroAlloc(h) => {
                         st.present = true;
                         st.zero = true;
-                        st.data = true;
                         st.offset = Some(h + within);
                     }
                     ClusterKind::Normal(h) => {
@@ -356,8 +357,8 @@ impl Chain {
                         st.data = true;
                         st.offset = Some(h + within);
                         if l.prealloc {
-                            let (data, n) = raw_extent(q.storage(), h + within, st.len)
-                                .map_err(|e| {
+                            let (data, n) =
+                                raw_extent(q.storage(), h + within, st.len).map_err(|e| {
                                     ImgError::io(format!("block status of '{}'", l.name), e)
                                 })?;
                             st.zero = !data;

@@ -90,7 +90,8 @@ fn check_once(path: &Path, name: &str) -> Result<CheckReport, ImgError> {
         path: name.to_string(),
         source: e,
     })?;
-    let q = Qcow2::open(f, true).map_err(|e| ImgError::qcow(format!("Could not open '{name}'"), e))?;
+    let q =
+        Qcow2::open(f, true).map_err(|e| ImgError::qcow(format!("Could not open '{name}'"), e))?;
     q.check()
         .map_err(|e| ImgError::qcow(format!("Check of '{name}' failed"), e))
 }
@@ -100,7 +101,13 @@ pub fn run(a: CheckArgs) -> VerbResult {
     let _ = a.force_share;
     let name = a.filename.clone();
     let path = Path::new(&name);
-    let layer = open_layer(path, &name, a.image.format, false).map_err(|e| (e, 1))?;
+    let layer = open_layer(
+        path,
+        &name,
+        super::opt_fmt(&a.image.format).map_err(|e| (e, 1))?,
+        false,
+    )
+    .map_err(|e| (e, 1))?;
     if layer.format != Format::Qcow2 {
         return Err((
             ImgError::image("This image format does not support checks"),

@@ -1,7 +1,7 @@
 //! `commit`: copy an image's own data (and that of the images between it
 //! and the base) into the base, then empty it (unless `-d`, implied by `-b`).
 
-use super::chain::{Backend, Chain};
+use super::chain::{backing_path, Backend, Chain};
 use super::{fail1, ImageOpt, ImgError, VerbResult};
 use clap::Args;
 use std::path::Path;
@@ -54,7 +54,7 @@ pub fn run(a: CommitArgs) -> VerbResult {
 }
 
 fn run_inner(a: &CommitArgs) -> Result<(), ImgError> {
-    let mut chain = Chain::open(&a.filename, a.image.format, false, true)?;
+    let mut chain = Chain::open(&a.filename, super::opt_fmt(&a.image.format)?, false, true)?;
     if chain.layers.len() < 2 {
         return Err(ImgError::image(format!(
             "'{}' does not have a backing file to commit into",
@@ -64,16 +64,18 @@ fn run_inner(a: &CommitArgs) -> Result<(), ImgError> {
     let base_idx = match &a.base {
         None => 1,
         Some(b) => {
+            // Like qemu-img, a relative base name is relative to the image's directory.
+            let want = backing_path(&chain.layers[0].path, b);
             let idx = chain
                 .layers
                 .iter()
                 .enumerate()
                 .skip(1)
-                .find(|(_, l)| l.name == *b || same_file(&l.path, Path::new(b)))
+                .find(|(_, l)| same_file(&l.path, &want))
                 .map(|(i, _)| i);
             match idx {
                 Some(i) => i,
-                None if same_file(Path::new(b), &chain.layers[0].path) => {
+                None if same_file(&want, &chain.layers[0].path) => {
                     return Err(ImgError::usage(format!(
                         "Base '{b}' is the image itself: nothing to commit"
                     )))
@@ -96,12 +98,12 @@ fn run_inner(a: &CommitArgs) -> Result<(), ImgError> {
     // Grow the base when it is shorter than the image.
     if chain.layers[base_idx].size() < size {
         match &chain.layers[base_idx].backend {
-            Backend::Qcow2(q) => q
-                .grow(size)
-                .map_err(|e| ImgError::qcow(format!("resize '{}'", chain.layers[base_idx].name), e))?,
-            Backend::Raw(f) => f
-                .set_len(size)
-                .map_err(|e| ImgError::io(format!("resize '{}'", chain.layers[base_idx].name), e))?,
+            Backend::Qcow2(q) => q.grow(size).map_err(|e| {
+                ImgError::qcow(format!("resize '{}'", chain.layers[base_idx].name), e)
+            })?,
+            Backend::Raw(f) => f.set_len(size).map_err(|e| {
+                ImgError::io(format!("resize '{}'", chain.layers[base_idx].name), e)
+            })?,
         }
     }
     let mut buf = vec![0u8; CHUNK as usize];

@@ -1,18 +1,18 @@
 //! `compare`: do two images read the same? Exit 0 identical, 1 different, 2 error.
 
 use super::chain::Chain;
-use super::{parse_format, Format, ImgError, VerbResult};
+use super::{opt_fmt, FormatName, ImgError, VerbResult};
 use clap::Args;
 
 /// Arguments of `compare`.
 #[derive(Debug, Args)]
 pub struct CompareArgs {
     /// Format of the first image.
-    #[arg(short = 'f', value_parser = parse_format)]
-    format1: Option<Format>,
+    #[arg(short = 'f')]
+    format1: Option<FormatName>,
     /// Format of the second image.
-    #[arg(short = 'F', value_parser = parse_format)]
-    format2: Option<Format>,
+    #[arg(short = 'F')]
+    format2: Option<FormatName>,
     /// Strict: sizes and allocation must match too.
     #[arg(short = 's')]
     strict: bool,
@@ -36,8 +36,10 @@ const CHUNK: u64 = 2 << 20;
 /// Run `compare`.
 pub fn run(a: CompareArgs) -> VerbResult {
     let _ = (a.progress, a.force_share);
-    let c1 = Chain::open(&a.filename1, a.format1, false, true).map_err(|e| (e, 2))?;
-    let c2 = Chain::open(&a.filename2, a.format2, false, true).map_err(|e| (e, 2))?;
+    let f1 = opt_fmt(&a.format1).map_err(|e| (e, 2))?;
+    let f2 = opt_fmt(&a.format2).map_err(|e| (e, 2))?;
+    let c1 = Chain::open(&a.filename1, f1, false, true).map_err(|e| (e, 2))?;
+    let c2 = Chain::open(&a.filename2, f2, false, true).map_err(|e| (e, 2))?;
     match compare(&c1, &c2, a.strict, a.quiet) {
         Ok(None) => {
             if !a.quiet {
@@ -53,6 +55,12 @@ pub fn run(a: CompareArgs) -> VerbResult {
         }
         Err(e) => Err((e, 2)),
     }
+}
+
+/// QEMU reports the start of the first differing 512-byte sector.
+fn mismatch(pos: u64, i: usize) -> String {
+    let at = (pos + i as u64) / 512 * 512;
+    format!("Content mismatch at offset {at}!")
 }
 
 /// Offset of the first non-zero byte.
@@ -88,17 +96,19 @@ fn compare(c1: &Chain, c2: &Chain, strict: bool, quiet: bool) -> Result<Option<S
                 c1.read(pos, r1)?;
                 c2.read(pos, r2)?;
                 if r1 != r2 {
-                    // QEMU reports the first differing 512-byte sector.
-                    let i = r1.iter().zip(r2.iter()).position(|(x, y)| x != y).unwrap_or(0);
-                    let at = pos + (i as u64 / 512) * 512;
-                    return Ok(Some(format!("Content mismatch at offset {at}!")));
+                    let i = r1
+                        .iter()
+                        .zip(r2.iter())
+                        .position(|(x, y)| x != y)
+                        .unwrap_or(0);
+                    return Ok(Some(mismatch(pos, i)));
                 }
             }
             (true, false) | (false, true) => {
                 let (c, r) = if st1.present { (c1, r1) } else { (c2, r2) };
                 c.read(pos, r)?;
                 if let Some(i) = first_nonzero(r) {
-                    return Ok(Some(format!("Content mismatch at offset {}!", pos + i as u64)));
+                    return Ok(Some(mismatch(pos, i)));
                 }
             }
         }
@@ -115,11 +125,11 @@ fn compare(c1: &Chain, c2: &Chain, strict: bool, quiet: bool) -> Result<Option<S
             let want = (end - pos).min(CHUNK);
             let st = longer.status(pos, want)?;
             let n = st.len.clamp(1, want);
-            if st.present && !(st.zero && !st.data) {
+            if st.present && !st.zero {
                 let r = &mut b1[..n as usize];
                 longer.read(pos, r)?;
                 if let Some(i) = first_nonzero(r) {
-                    return Ok(Some(format!("Content mismatch at offset {}!", pos + i as u64)));
+                    return Ok(Some(mismatch(pos, i)));
                 }
             }
             pos += n;

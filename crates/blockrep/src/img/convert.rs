@@ -2,18 +2,18 @@
 
 use super::chain::{is_zero, Chain};
 use super::create::{create_image, parse_options};
-use super::{fail1, parse_format, Format, ImgError, VerbResult};
+use super::{fail1, opt_fmt, FormatName, ImgError, VerbResult};
 use clap::Args;
 
 /// Arguments of `convert`.
 #[derive(Debug, Args)]
 pub struct ConvertArgs {
     /// Format of the input image.
-    #[arg(short = 'f', value_parser = parse_format)]
-    format: Option<Format>,
+    #[arg(short = 'f')]
+    format: Option<FormatName>,
     /// Format of the output image.
-    #[arg(short = 'O', default_value = "raw", value_parser = parse_format)]
-    output_format: Format,
+    #[arg(short = 'O', default_value = "raw")]
+    output_format: FormatName,
     /// Options of the output image (as for create).
     #[arg(short = 'o')]
     options: Vec<String>,
@@ -59,13 +59,14 @@ fn run_inner(a: &ConvertArgs) -> Result<(), ImgError> {
         ));
     }
     let (input, output) = (&a.files[0], &a.files[1]);
-    let mut o = parse_options(&a.options, a.output_format)?;
+    let ofmt = a.output_format.get()?;
+    let mut o = parse_options(&a.options, ofmt)?;
     if o.backing_file.is_some() {
         return Err(ImgError::usage(
             "convert: a backing file for the output is not supported",
         ));
     }
-    let src = Chain::open(input, a.format, false, true)?;
+    let src = Chain::open(input, opt_fmt(&a.format)?, false, true)?;
     let size = src.size();
     o.size = Some(size);
     if let (Ok(x), Ok(y)) = (std::fs::canonicalize(input), std::fs::canonicalize(output)) {
@@ -75,8 +76,8 @@ fn run_inner(a: &ConvertArgs) -> Result<(), ImgError> {
             )));
         }
     }
-    create_image(output, a.output_format, size, &o, true)?;
-    let dst = Chain::open(output, Some(a.output_format), true, false)?;
+    create_image(output, ofmt, size, &o, true)?;
+    let dst = Chain::open(output, Some(ofmt), true, false)?;
     let mut buf = vec![0u8; CHUNK as usize];
     let mut pos = 0u64;
     while pos < size {

@@ -2,7 +2,7 @@
 
 use super::chain::{backing_path, open_layer};
 use super::size::parse_size;
-use super::{fail1, parse_format, Format, ImgError, VerbResult};
+use super::{fail1, opt_fmt, Format, FormatName, ImgError, VerbResult};
 use clap::Args;
 use qcow_lite::{CreateOptions, Preallocation, Qcow2};
 use std::fs::OpenOptions;
@@ -12,14 +12,14 @@ use std::path::Path;
 #[derive(Debug, Args)]
 pub struct CreateArgs {
     /// Format of the new image.
-    #[arg(short = 'f', default_value = "raw", value_parser = parse_format)]
-    format: Format,
+    #[arg(short = 'f', default_value = "raw")]
+    format: FormatName,
     /// Backing file (qcow2 only); its name is stored as given.
     #[arg(short = 'b')]
     backing: Option<String>,
     /// Format of the backing file.
-    #[arg(short = 'F', value_parser = parse_format)]
-    backing_format: Option<Format>,
+    #[arg(short = 'F')]
+    backing_format: Option<FormatName>,
     /// Options: cluster_size, lazy_refcounts, preallocation, compat, refcount_bits, ...
     #[arg(short = 'o')]
     options: Vec<String>,
@@ -32,6 +32,7 @@ pub struct CreateArgs {
     /// The image file to create.
     filename: String,
     /// Virtual size (512, 64M, 1.5G, 1T...); defaults to the backing file's.
+    #[arg(allow_negative_numbers = true)]
     size: Option<String>,
 }
 
@@ -88,17 +89,21 @@ pub fn parse_options(opts: &[String], fmt: Format) -> Result<FormatOptions, ImgE
                     qcow_only()?;
                     o.lazy_refcounts = on_off(k, v)?;
                 }
-                "preallocation" => match v {
-                    "off" => o.preallocation = Preallocation::Off,
-                    "metadata" if fmt == Format::Qcow2 => o.preallocation = Preallocation::Metadata,
-                    _ => {
-                        return Err(ImgError::usage(format!(
+                "preallocation" => {
+                    match v {
+                        "off" => o.preallocation = Preallocation::Off,
+                        "metadata" if fmt == Format::Qcow2 => {
+                            o.preallocation = Preallocation::Metadata
+                        }
+                        _ => {
+                            return Err(ImgError::usage(format!(
                             "Unsupported preallocation mode '{v}' for format {} (supported: off{})",
                             fmt.name(),
                             if fmt == Format::Qcow2 { ", metadata" } else { "" }
                         )))
+                        }
                     }
-                },
+                }
                 "compat" => {
                     qcow_only()?;
                     if v != "1.1" && v != "v3" {
@@ -232,11 +237,12 @@ pub fn run(a: CreateArgs) -> VerbResult {
 }
 
 fn run_inner(a: CreateArgs) -> Result<(), ImgError> {
-    let mut o = parse_options(&a.options, a.format)?;
+    let format = a.format.get()?;
+    let mut o = parse_options(&a.options, format)?;
     if let Some(b) = a.backing {
         o.backing_file = Some(b);
     }
-    if let Some(f) = a.backing_format {
+    if let Some(f) = opt_fmt(&a.backing_format)? {
         o.backing_fmt = Some(f);
     }
     let mut size = match &a.size {
@@ -249,16 +255,17 @@ fn run_inner(a: CreateArgs) -> Result<(), ImgError> {
     };
     let fname = &a.filename;
     if let Some(b) = &o.backing_file {
-        if a.format != Format::Qcow2 {
+        if format != Format::Qcow2 {
             return Err(ImgError::usage(format!(
                 "{fname}: format {} does not support backing files",
-                a.format.name()
+                format.name()
             )));
         }
         let bpath = backing_path(Path::new(fname), b);
-        let same = std::fs::canonicalize(&bpath).ok().is_some_and(|p| {
-            std::fs::canonicalize(fname).ok() == Some(p)
-        }) || bpath == Path::new(fname);
+        let same = std::fs::canonicalize(&bpath)
+            .ok()
+            .is_some_and(|p| std::fs::canonicalize(fname).ok() == Some(p))
+            || bpath == Path::new(fname);
         if same {
             return Err(ImgError::usage(format!(
                 "{fname}: Error: Trying to create an image with the same filename as the backing file"
@@ -290,5 +297,5 @@ fn run_inner(a: CreateArgs) -> Result<(), ImgError> {
             "{fname}: Image creation needs a size parameter"
         )));
     };
-    create_image(fname, a.format, size, &o, a.quiet)
+    create_image(fname, format, size, &o, a.quiet)
 }

@@ -343,7 +343,9 @@ impl L2Walker {
         let mut pos = (first_cl + 1) * cs;
         let mut cl = first_cl + 1;
         while pos < end {
-            if matches!(first, ClusterKind::Unallocated) && self.l1.get((cl / per) as usize).map(|e| e & OFFSET_MASK) == Some(0) {
+            if matches!(first, ClusterKind::Unallocated)
+                && self.l1.get((cl / per) as usize).map(|e| e & OFFSET_MASK) == Some(0)
+            {
                 // A whole unallocated L2 range.
                 let next = (cl / per + 1) * per;
                 pos = next * cs;

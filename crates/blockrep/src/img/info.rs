@@ -32,7 +32,8 @@ fn file_info(path: &Path, name: &str) -> Result<(u64, u64), ImgError> {
         path: name.to_string(),
         source: e,
     })?;
-    Ok((md.len(), md.blocks() * 512))
+    // QEMU counts file lengths in whole 512-byte sectors.
+    Ok((md.len().div_ceil(512) * 512, md.blocks() * 512))
 }
 
 /// The JSON object qemu-img prints for one image.
@@ -144,12 +145,14 @@ fn run_inner(a: InfoArgs) -> Result<(), ImgError> {
     let mut layers = vec![open_layer(
         Path::new(&a.filename),
         &a.filename,
-        a.image.format,
+        super::opt_fmt(&a.image.format)?,
         false,
     )?];
     if a.backing_chain {
         let mut seen: HashSet<PathBuf> = HashSet::new();
-        seen.insert(std::fs::canonicalize(&a.filename).unwrap_or_else(|_| a.filename.clone().into()));
+        seen.insert(
+            std::fs::canonicalize(&a.filename).unwrap_or_else(|_| a.filename.clone().into()),
+        );
         loop {
             let last = layers.last().expect("at least the top");
             let Some(h) = &last.header else { break };

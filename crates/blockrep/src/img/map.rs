@@ -63,7 +63,7 @@ pub fn run(a: MapArgs) -> VerbResult {
 }
 
 fn run_inner(a: MapArgs) -> Result<(), ImgError> {
-    let chain = Chain::open(&a.filename, a.image.format, false, true)?;
+    let chain = Chain::open(&a.filename, super::opt_fmt(&a.image.format)?, false, true)?;
     let size = chain.size();
     let start = match &a.start_offset {
         Some(s) => parse_size(s)?,
@@ -98,7 +98,14 @@ fn run_inner(a: MapArgs) -> Result<(), ImgError> {
                 if e.st.data && !e.st.zero {
                     if let Some(o) = e.st.offset {
                         let file = &chain.layers[e.st.depth].name;
-                        writeln!(out, "{:<16}{:<16}{:<16}{}", hex(e.start), hex(e.st.len), hex(o), file)?;
+                        writeln!(
+                            out,
+                            "{:<16}{:<16}{:<16}{}",
+                            hex(e.start),
+                            hex(e.st.len),
+                            hex(o),
+                            file
+                        )?;
                     }
                 }
                 Ok(())
@@ -107,7 +114,12 @@ fn run_inner(a: MapArgs) -> Result<(), ImgError> {
     };
     let io = |e: std::io::Error| ImgError::io("write output", e);
     if a.output == OutputFormat::Human {
-        writeln!(out, "{:<16}{:<16}{:<16}File", "Offset", "Length", "Mapped to").map_err(io)?;
+        writeln!(
+            out,
+            "{:<16}{:<16}{:<16}File",
+            "Offset", "Length", "Mapped to"
+        )
+        .map_err(io)?;
     }
     while pos < end {
         let st = chain.status(pos, end - pos)?;

@@ -65,8 +65,28 @@ impl Format {
     }
 }
 
-fn parse_format(s: &str) -> Result<Format, String> {
-    Format::parse(s).map_err(|e| e.to_string())
+/// A format name from the command line, checked when the verb runs (so a
+/// wrong name is our one-line error, not a usage message).
+#[derive(Debug, Clone)]
+pub struct FormatName(pub String);
+
+impl std::str::FromStr for FormatName {
+    type Err = std::convert::Infallible;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        Ok(FormatName(s.to_string()))
+    }
+}
+
+impl FormatName {
+    /// The format it names.
+    pub fn get(&self) -> Result<Format, ImgError> {
+        Format::parse(&self.0)
+    }
+}
+
+/// Check an optional format name.
+pub(crate) fn opt_fmt(f: &Option<FormatName>) -> Result<Option<Format>, ImgError> {
+    f.as_ref().map(FormatName::get).transpose()
 }
 
 /// The verbs of `blockrep img`.
@@ -96,8 +116,8 @@ pub enum Command {
 #[derive(Debug, Args, Clone)]
 pub struct ImageOpt {
     /// Format of the image (probed when not given).
-    #[arg(short = 'f', value_parser = parse_format)]
-    pub format: Option<Format>,
+    #[arg(short = 'f')]
+    pub format: Option<FormatName>,
 }
 
 /// Run one verb; the exit code follows qemu-img's where it means something.

@@ -4,7 +4,7 @@
 
 use super::chain::{backing_path, Chain};
 use super::header::set_backing;
-use super::{fail1, parse_format, Format, ImgError, VerbResult};
+use super::{fail1, opt_fmt, Format, FormatName, ImgError, VerbResult};
 use clap::Args;
 use qcow_lite::Mapping;
 use std::fs::OpenOptions;
@@ -14,14 +14,14 @@ use std::path::Path;
 #[derive(Debug, Args)]
 pub struct RebaseArgs {
     /// Format of the image.
-    #[arg(short = 'f', value_parser = parse_format)]
-    format: Option<Format>,
+    #[arg(short = 'f')]
+    format: Option<FormatName>,
     /// The new backing file ("" for none), relative to the image's directory.
     #[arg(short = 'b', required = true)]
     backing: String,
     /// Format of the new backing file.
-    #[arg(short = 'F', value_parser = parse_format)]
-    backing_format: Option<Format>,
+    #[arg(short = 'F')]
+    backing_format: Option<FormatName>,
     /// Unsafe: only change the header, copy nothing.
     #[arg(short = 'u')]
     unsafe_mode: bool,
@@ -50,8 +50,10 @@ pub fn run(a: RebaseArgs) -> VerbResult {
 fn run_inner(a: &RebaseArgs) -> Result<(), ImgError> {
     let new_backing = (!a.backing.is_empty()).then_some(a.backing.as_str());
     let fname = &a.filename;
+    let top_fmt = opt_fmt(&a.format)?;
+    let backing_fmt = opt_fmt(&a.backing_format)?;
     // The top alone first: its format, and that it can have a backing file.
-    let top = Chain::open(fname, a.format, false, false)?;
+    let top = Chain::open(fname, top_fmt, false, false)?;
     if top.layers[0].format != Format::Qcow2 {
         return Err(ImgError::usage(format!(
             "'{fname}': format {} does not support backing files",
@@ -61,13 +63,13 @@ fn run_inner(a: &RebaseArgs) -> Result<(), ImgError> {
     let top_path = top.layers[0].path.clone();
     drop(top);
     // The new chain, opened from the image's directory; it must not reach the image.
-    let mut new_fmt = a.backing_format;
+    let mut new_fmt = backing_fmt;
     let new_chain = match new_backing {
         None => None,
         Some(b) => {
             let bp = backing_path(&top_path, b);
             let name = bp.display().to_string();
-            let opened = Chain::open(&name, a.backing_format, false, true);
+            let opened = Chain::open(&name, backing_fmt, false, true);
             match opened {
                 Ok(c) => {
                     let top_canon = std::fs::canonicalize(&top_path).ok();
@@ -82,7 +84,7 @@ fn run_inner(a: &RebaseArgs) -> Result<(), ImgError> {
                     new_fmt = Some(c.layers[0].format);
                     Some(c)
                 }
-                Err(e) if a.unsafe_mode && a.backing_format.is_some() => {
+                Err(e) if a.unsafe_mode && backing_fmt.is_some() => {
                     // Unsafe mode need not open the new backing file.
                     let _ = e;
                     None
@@ -96,7 +98,7 @@ fn run_inner(a: &RebaseArgs) -> Result<(), ImgError> {
         }
     };
     if !a.unsafe_mode {
-        copy_differences(fname, a.format, new_chain.as_ref())?;
+        copy_differences(fname, top_fmt, new_chain.as_ref())?;
     }
     drop(new_chain);
     let f = OpenOptions::new()
@@ -180,14 +182,18 @@ fn write_over(
             self.0.size()
         }
         fn read_backing(&self, offset: u64, buf: &mut [u8]) -> qcow_lite::Result<()> {
-            self.0.read(offset, buf).map_err(|e| {
-                qcow_lite::Error::new(qcow_lite::ErrorKind::Io, e.to_string())
-            })
+            self.0
+                .read(offset, buf)
+                .map_err(|e| qcow_lite::Error::new(qcow_lite::ErrorKind::Io, e.to_string()))
         }
     }
     let nb = new.map(NewBacking);
-    q.write(offset, buf, nb.as_ref().map(|b| b as &dyn qcow_lite::BackingRead))
-        .map_err(|e| ImgError::qcow(format!("write '{fname}' at {offset}"), e))
+    q.write(
+        offset,
+        buf,
+        nb.as_ref().map(|b| b as &dyn qcow_lite::BackingRead),
+    )
+    .map_err(|e| ImgError::qcow(format!("write '{fname}' at {offset}"), e))
 }
 
 /// Read from layer `idx` of `c`, with zeros past its end.
