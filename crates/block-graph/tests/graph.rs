@@ -877,3 +877,148 @@ fn filters_pass_their_users_permissions_through() {
     assert!(e.to_string().contains("node 'f'"), "{e}");
     let _ = ro;
 }
+
+/// A driver whose reopen can be told to fail, recording the hook calls.
+struct Flaky {
+    fail: bool,
+    log: Log,
+}
+
+impl Driver for Flaky {
+    fn format_name(&self) -> &str {
+        "flaky"
+    }
+    fn length(&self, _node: &Node) -> Result<u64> {
+        Ok(4096)
+    }
+    fn read(&self, _node: &Node, _offset: u64, buf: &mut [u8]) -> Result<()> {
+        buf.fill(0);
+        Ok(())
+    }
+    fn reopen_prepare(&self, node: &Node, _opts: &ReopenOpts) -> Result<()> {
+        self.log.lock().push(('p', node.name().len() as u64, 0));
+        if self.fail {
+            return Err(Error::new(ErrorKind::Io, "cannot reopen"));
+        }
+        Ok(())
+    }
+    fn reopen_commit(&self, node: &Node, _opts: &ReopenOpts) {
+        self.log.lock().push(('c', node.name().len() as u64, 0));
+    }
+    fn reopen_abort(&self, node: &Node, _opts: &ReopenOpts) {
+        self.log.lock().push(('a', node.name().len() as u64, 0));
+    }
+}
+
+#[test]
+fn reopen_aborts_every_prepared_node_when_one_fails() {
+    let g = Graph::new();
+    let log: Log = Arc::new(Mutex::new(Vec::new()));
+    let l2 = log.clone();
+    g.register_driver("flaky", move |ctx| {
+        let fail = ctx.options().take_bool("fail")?.unwrap_or(false);
+        Ok(Box::new(Flaky {
+            fail,
+            log: l2.clone(),
+        }))
+    });
+    // Names of length 1, 2, 3 identify the nodes in the log.
+    let a = g
+        .add_node(&json!({"driver": "flaky", "node-name": "a"}))
+        .unwrap();
+    let b = g
+        .add_node(&json!({"driver": "flaky", "node-name": "bb"}))
+        .unwrap();
+    let c = g
+        .add_node(&json!({"driver": "flaky", "node-name": "ccc", "fail": true}))
+        .unwrap();
+    let ro = ReopenOpts { read_only: true };
+    let e = g
+        .reopen(&[(a.clone(), ro), (b.clone(), ro), (c.clone(), ro)])
+        .unwrap_err();
+    assert_eq!((e.kind(), e.node()), (ErrorKind::Io, Some("ccc")));
+    assert_eq!(
+        log.lock()
+            .iter()
+            .map(|(k, n, _)| (*k, *n))
+            .collect::<Vec<_>>(),
+        vec![('p', 1), ('p', 2), ('p', 3), ('a', 2), ('a', 1)]
+    );
+    assert!(!a.is_read_only() && !b.is_read_only() && !c.is_read_only());
+    log.lock().clear();
+    g.reopen(&[(a.clone(), ro), (b.clone(), ro)]).unwrap();
+    assert_eq!(
+        log.lock()
+            .iter()
+            .map(|(k, n, _)| (*k, *n))
+            .collect::<Vec<_>>(),
+        vec![('p', 1), ('p', 2), ('c', 1), ('c', 2)]
+    );
+    assert!(a.is_read_only() && b.is_read_only());
+}
+
+#[test]
+fn make_empty_waits_for_in_flight_writes_and_holds_new_ones() {
+    let g = Graph::new();
+    let disk = mem(&g, "disk", 65536);
+    let f = g
+        .add_node(&json!({"driver": "blkdebug", "node-name": "f", "image": "disk"}))
+        .unwrap();
+    let hold = f.driver_as::<BlkDebug>().unwrap().hold(IoMask::WRITE, None);
+    let f2 = f.clone();
+    let t = std::thread::spawn(move || f2.write(0, b"in flight", WriteFlags::default()).unwrap());
+    assert!(hold.wait_reached(1, Duration::from_secs(5)));
+    let emptied = Arc::new(AtomicBool::new(false));
+    let (f3, e3) = (f.clone(), emptied.clone());
+    let t2 = std::thread::spawn(move || {
+        f3.make_empty().unwrap();
+        e3.store(true, Ordering::SeqCst);
+    });
+    std::thread::sleep(Duration::from_millis(50));
+    assert!(
+        !emptied.load(Ordering::SeqCst),
+        "make_empty waits for the in-flight write"
+    );
+    hold.release();
+    t.join().unwrap();
+    t2.join().unwrap();
+    assert_eq!(
+        r(&disk, 0, 9),
+        vec![0u8; 9],
+        "the write landed before make_empty"
+    );
+}
+
+#[test]
+fn nested_scope_lets_helper_threads_serve_an_admitted_request() {
+    // A parent request admitted before a drain may finish its child I/O from a
+    // helper thread inside a NestedScope; the drain waits for it instead of
+    // deadlocking.
+    let g = Graph::new();
+    let disk = mem(&g, "disk", 65536);
+    let f = g
+        .add_node(&json!({"driver": "blkdebug", "node-name": "f", "image": "disk"}))
+        .unwrap();
+    let hold = f.driver_as::<BlkDebug>().unwrap().hold(IoMask::READ, None);
+    let f2 = f.clone();
+    let t = std::thread::spawn(move || {
+        let mut b = [0u8; 4];
+        f2.read(0, &mut b).unwrap();
+    });
+    assert!(hold.wait_reached(1, Duration::from_secs(5)));
+    let (g2, d2) = (g.clone(), disk.clone());
+    let drainer = std::thread::spawn(move || {
+        let _d = g2.drain(std::slice::from_ref(&d2));
+    });
+    std::thread::sleep(Duration::from_millis(20));
+    let d3 = disk.clone();
+    let helper = std::thread::spawn(move || {
+        let _n = NestedScope::enter();
+        d3.write(8, b"helper", WriteFlags::default()).unwrap();
+    });
+    helper.join().unwrap();
+    hold.release();
+    t.join().unwrap();
+    drainer.join().unwrap();
+    assert_eq!(r(&disk, 8, 6), b"helper");
+}
