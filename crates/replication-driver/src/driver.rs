@@ -12,7 +12,7 @@ use block_graph::{
 };
 use block_jobs::{
     BackupJob, BackupOptions, BackupSync, CopyTracker, Job, JobManager, JobOptions, JobOutcome,
-    MirrorJob, MirrorOptions,
+    JobStatus, MirrorJob, MirrorOptions,
 };
 use parking_lot::{Condvar, Mutex, RwLock};
 use replication_core::{
@@ -401,7 +401,7 @@ impl Shared {
                 }
             }
         }
-        self.cancel_backup(run);
+        self.cancel_backup(run, true);
         run.blocker.lock().take();
         let mut q = Vec::new();
         if run.orig_hidden_ro && !run.hidden.is_removed() {
@@ -419,13 +419,28 @@ impl Shared {
         }
     }
 
-    fn cancel_backup(&self, run: &Running) {
+    /// Cancels the backup job. Its filter is taken out of the graph here
+    /// (synchronously), then the job is cancelled. With `closing` the job's
+    /// own clean-up is not waited for: close may run with the graph lock held
+    /// (node removal) and the clean-up needs it; the job has stopped copying
+    /// when this returns either way.
+    fn cancel_backup(&self, run: &Running, closing: bool) {
         run.backup_active.store(false, Ordering::Release);
         let job = run.backup.lock().clone();
         if let Some(b) = job {
+            let f = b.filter_node();
+            let bytes = f.stats().write.bytes;
+            if let Some(g) = f.graph() {
+                if !f.is_removed() {
+                    let _ = g.remove_filter(f);
+                }
+            }
             let _ = b.job().cancel(true);
-            b.job().wait();
-            let bytes = b.filter_node().stats().write.bytes;
+            if closing {
+                wait_stopped(b.job(), CLOSE_WAIT);
+            } else {
+                b.job().wait();
+            }
             run.forwarded_done.fetch_add(bytes, Ordering::Relaxed);
             run.backup.lock().take();
         }
@@ -542,16 +557,16 @@ impl Shared {
                 *self.error.lock() = None;
                 Ok(())
             }
-            ReplicationMode::Secondary if !failover => self.stop_secondary(),
+            ReplicationMode::Secondary if !failover => self.stop_secondary(false),
             ReplicationMode::Secondary => self.start_failover(),
         }
     }
 
-    fn stop_secondary(&self) -> Result<()> {
+    fn stop_secondary(&self, closing: bool) -> Result<()> {
         let run = self
             .running()
             .ok_or_else(|| self.err(ErrorKind::NotRunning, "no running state"))?;
-        self.cancel_backup(&run);
+        self.cancel_backup(&run, closing);
         let r = run
             .active
             .make_empty()
@@ -574,7 +589,7 @@ impl Shared {
         let node = self.node()?;
         let graph = self.graph_of(&node)?;
         self.set_state(ReplicationState::Failover);
-        self.cancel_backup(&run);
+        self.cancel_backup(&run, false);
         let t0 = Instant::now();
         let commit = MirrorJob::start_active_commit(
             &self.jobs,
@@ -684,7 +699,7 @@ impl Shared {
                     match self.mode {
                         ReplicationMode::Primary => self.set_state(ReplicationState::Done),
                         ReplicationMode::Secondary => {
-                            let _ = self.stop_secondary();
+                            let _ = self.stop_secondary(true);
                         }
                     }
                 }
@@ -693,15 +708,10 @@ impl Shared {
                 let fo = self.failover.lock().clone();
                 if let Some(fo) = fo {
                     let _ = fo.job.cancel(true);
-                    let on_thread = *fo.thread_id.lock() == Some(std::thread::current().id());
-                    if !on_thread {
-                        // Close may run with the graph lock held (node
-                        // removal) while the commit waits for that lock to
-                        // drain or swap: wait, but never forever.
-                        let mut done = fo.done.lock();
-                        let deadline = Instant::now() + CLOSE_WAIT;
-                        while !*done && !fo.cv.wait_until(&mut done, deadline).timed_out() {}
-                    }
+                    // Close may run with the graph lock held (node removal)
+                    // and the commit's roll-back needs it: wait until the
+                    // commit stopped copying; its roll-back follows.
+                    wait_stopped(&fo.job, CLOSE_WAIT);
                 }
             }
             _ => {}
@@ -995,6 +1005,24 @@ impl Driver for ReplicationDriver {
 
     fn accepts_child(&self, role: &Role) -> bool {
         matches!(role, Role::Named(n) if n == HIDDEN_ROLE || n == SECONDARY_ROLE)
+    }
+}
+
+/// Waits (bounded) until `job` no longer runs: its work loop returned, only
+/// its roll-back or clean-up may be left.
+fn wait_stopped(job: &Job, timeout: Duration) {
+    let deadline = Instant::now() + timeout;
+    while matches!(
+        job.status(),
+        JobStatus::Created
+            | JobStatus::Running
+            | JobStatus::Paused
+            | JobStatus::Ready
+            | JobStatus::Standby
+    ) && job.outcome().is_none()
+        && Instant::now() < deadline
+    {
+        std::thread::sleep(Duration::from_millis(1));
     }
 }
 

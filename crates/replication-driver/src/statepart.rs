@@ -11,7 +11,7 @@
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Weak};
 
-use replication_core::{LoadedSection, OpError, ReplicationMode, StateParticipant};
+use replication_core::{LoadedSection, OpError, ReplicationMode, SectionKind, StateParticipant};
 
 use crate::driver::Shared;
 use crate::state::ReplicationState;
@@ -82,6 +82,10 @@ impl StateParticipant for EpochParticipant {
     }
 
     fn load(&self, section: &LoadedSection<'_>) -> Result<(), OpError> {
+        if section.kind != SectionKind::Complete {
+            // Only the complete section carries the epoch.
+            return Ok(());
+        }
         let s = self
             .shared
             .upgrade()
