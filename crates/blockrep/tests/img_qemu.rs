@@ -254,9 +254,60 @@ fn check_agrees_on_clean_leaking_and_corrupt_images() {
     r.l2_set(e, v | 0x200);
     r.save();
     let (ours, qemu) = both_check(&d, &["badl2.qcow2"]);
+    // Both call it corrupt. The counts differ: QEMU still counts the
+    // misaligned entry's references (so the cluster it spans into is
+    // "referenced twice"), qcow-lite drops them (so the old cluster leaks).
     assert_eq!(
         ours.0, qemu.0,
-        "exit code of check of a corrupt L2 entry: ours {ours:?} qemu {qemu:?}"
+        "check of a corrupt L2 entry: ours {ours:?} qemu {qemu:?}"
+    );
+    assert_eq!(ours.0, Some(2));
+    for k in [
+        "image-end-offset",
+        "total-clusters",
+        "allocated-clusters",
+        "fragmented-clusters",
+    ] {
+        assert_eq!(ours.1[k], qemu.1[k], "check of a corrupt L2 entry: {k}");
+    }
+    // A dirty image (lazy refcounts, writer killed): refcounts never written.
+    d.qi_ok(&[
+        "create",
+        "-f",
+        "qcow2",
+        "-o",
+        "lazy_refcounts=on",
+        "dirty.qcow2",
+        "4M",
+    ]);
+    let o = std::process::Command::new("qemu-io")
+        .args([
+            "-f",
+            "qcow2",
+            "-c",
+            "write -P 3 0 300k",
+            "-c",
+            "sigraise 9",
+            "dirty.qcow2",
+        ])
+        .current_dir(d.tmp.path())
+        .output()
+        .expect("qemu-io");
+    assert!(!o.status.success(), "qemu-io should have been killed");
+    let ours = json(&d.br_ok(&["info", "--output=json", "dirty.qcow2"]));
+    let qemu = json(&d.qi_ok(&["info", "--output=json", "dirty.qcow2"]));
+    assert_eq!(ours, qemu, "info of a dirty image");
+    assert_eq!(ours["dirty-flag"], true);
+    let (ours, qemu) = both_check(&d, &["dirty.qcow2"]);
+    assert_eq!(ours, qemu, "check of a dirty image");
+    d.cp("dirty.qcow2", "ours-dirty.qcow2");
+    let o = d.br(&["check", "-r", "all", "ours-dirty.qcow2"]);
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+    d.assert_clean("ours-dirty.qcow2");
+    d.qio(
+        "qcow2",
+        "ours-dirty.qcow2",
+        &["read -P 3 0 300k", "read -P 0 300k 3796k"],
     );
     // Human output exit codes agree too.
     for img in ["leak.qcow2", "corrupt.qcow2"] {
@@ -601,4 +652,94 @@ fn bench_runs_like_qemu_img_bench() {
     ]);
     assert!(String::from_utf8_lossy(&o.stdout).contains("500 read requests"));
     d.assert_clean("b.qcow2");
+}
+
+#[test]
+fn commit_into_shorter_base_and_rebase_onto_shorter_or_lower_backing() {
+    let d = Dir::new();
+    for sub in ["ours", "qemu"] {
+        std::fs::create_dir(d.path(sub)).unwrap();
+        let p = |f: &str| format!("{sub}/{f}");
+        d.qi_ok(&["create", "-f", "qcow2", &p("small.qcow2"), "2M"]);
+        d.qio("qcow2", &p("small.qcow2"), &["write -P 1 0 2M"]);
+        d.qi_ok(&[
+            "create",
+            "-f",
+            "qcow2",
+            "-b",
+            "small.qcow2",
+            "-F",
+            "qcow2",
+            &p("big.qcow2"),
+            "4M",
+        ]);
+        d.qio(
+            "qcow2",
+            &p("big.qcow2"),
+            &["write -P 2 1536k 1M", "write -P 4 3M 512"],
+        );
+        d.qi_ok(&[
+            "create",
+            "-f",
+            "qcow2",
+            "-o",
+            "cluster_size=4k",
+            &p("short.qcow2"),
+            "1M",
+        ]);
+        d.qio("qcow2", &p("short.qcow2"), &["write -P 9 0 1M"]);
+        d.cp(&p("big.qcow2"), &p("onto-short.qcow2"));
+        d.cp(&p("big.qcow2"), &p("onto-nothing.qcow2"));
+        d.qi_ok(&[
+            "create",
+            "-f",
+            "qcow2",
+            "-b",
+            "big.qcow2",
+            "-F",
+            "qcow2",
+            &p("top.qcow2"),
+        ]);
+        d.qio("qcow2", &p("top.qcow2"), &["write -P 6 1000k 100k"]);
+    }
+    let runs: &[&[&str]] = &[
+        &[
+            "rebase",
+            "-b",
+            "short.qcow2",
+            "-F",
+            "qcow2",
+            "onto-short.qcow2",
+        ],
+        &["rebase", "-b", "", "onto-nothing.qcow2"],
+        // Drop the middle layer: top now reads big's data from itself.
+        &["rebase", "-b", "small.qcow2", "-F", "qcow2", "top.qcow2"],
+        // Then commit big (4M) into small (2M): the base grows.
+        &["commit", "big.qcow2"],
+    ];
+    for args in runs {
+        for sub in ["ours", "qemu"] {
+            let mut a: Vec<String> = args.iter().map(|s| s.to_string()).collect();
+            let last = a.len() - 1;
+            a[last] = format!("{sub}/{}", a[last]);
+            let a: Vec<&str> = a.iter().map(|s| s.as_str()).collect();
+            if sub == "ours" {
+                d.br_ok(&a);
+            } else {
+                d.qi_ok(&a);
+            }
+        }
+    }
+    assert_same_results(
+        &d,
+        &[
+            "onto-short.qcow2",
+            "onto-nothing.qcow2",
+            "top.qcow2",
+            "big.qcow2",
+            "small.qcow2",
+        ],
+    );
+    let v = json(&d.qi_ok(&["info", "--output=json", "ours/small.qcow2"]));
+    assert_eq!(v["virtual-size"], 4 << 20, "commit grows the base");
 }

@@ -48,6 +48,8 @@ struct Frag {
     allocated: u64,
     fragmented: u64,
     compressed: u64,
+    /// End of the highest cluster some metadata refers to.
+    referenced_end: u64,
 }
 
 fn frag_info(path: &Path, name: &str) -> Result<Frag, ImgError> {
@@ -57,17 +59,35 @@ fn frag_info(path: &Path, name: &str) -> Result<Frag, ImgError> {
     })?;
     let h = QHeader::read(&f, name)?;
     let cs = h.cluster_size();
+    let rt = read_refcount_table(&f, &h, name)?;
     let mut w = L2Walker::new(f, &h, name)?;
     let mut fr = Frag {
         total: h.size.div_ceil(cs),
         ..Default::default()
     };
     let mut next: u64 = 0;
+    let mut top = cs; // the header cluster
+    let mut reach = |off: u64, len: u64| top = top.max((off + len).div_ceil(cs) * cs);
+    reach(h.l1_table_offset, h.l1_size as u64 * 8);
+    reach(
+        h.refcount_table_offset,
+        h.refcount_table_clusters as u64 * cs,
+    );
+    for &b in &rt {
+        if b != 0 {
+            reach(b, cs);
+        }
+    }
     for i in 0..w.l1_len() {
+        let l2 = w.l2_offset(i);
+        if l2 != 0 {
+            reach(l2, cs);
+        }
         let Some(t) = w.l2_table(i)? else { continue };
         for &raw in t {
             match L2Walker::decode(raw) {
                 ClusterKind::Normal(off) | ClusterKind::ZeroAlloc(off) => {
+                    reach(off, cs);
                     fr.allocated += 1;
                     if next != 0 && off != next {
                         fr.fragmented += 1;
@@ -82,7 +102,31 @@ fn frag_info(path: &Path, name: &str) -> Result<Frag, ImgError> {
             }
         }
     }
+    fr.referenced_end = top;
     Ok(fr)
+}
+
+/// Offsets of the refcount blocks (the refcount table's entries).
+fn read_refcount_table(f: &File, h: &QHeader, name: &str) -> Result<Vec<u64>, ImgError> {
+    use std::os::unix::fs::FileExt;
+    let len = h.refcount_table_clusters as u64 * h.cluster_size();
+    if len > 8 << 20 {
+        return Err(ImgError::image(format!(
+            "'{name}': refcount table of {len} bytes is too large"
+        )));
+    }
+    let mut b = vec![0u8; len as usize];
+    let mut done = 0usize;
+    while done < b.len() {
+        match f.read_at(&mut b[done..], h.refcount_table_offset + done as u64) {
+            Ok(0) => break,
+            Ok(n) => done += n,
+            Err(e) => return Err(ImgError::io(format!("read refcount table of '{name}'"), e)),
+        }
+    }
+    Ok(b.chunks_exact(8)
+        .map(|c| u64::from_be_bytes(c.try_into().unwrap_or([0; 8])) & !0x1ff)
+        .collect())
 }
 
 fn check_once(path: &Path, name: &str) -> Result<CheckReport, ImgError> {
@@ -161,6 +205,9 @@ pub fn run(a: CheckArgs) -> VerbResult {
         }
     }
     let fr = frag_info(path, &name).map_err(|e| (e, 1))?;
+    // QEMU's image end counts clusters that are referenced even when their
+    // stored refcount is 0 (qcow-lite's report only counts the latter).
+    report.image_end_offset = report.image_end_offset.max(fr.referenced_end);
     match a.output {
         OutputFormat::Json => {
             let mut m = Map::new();

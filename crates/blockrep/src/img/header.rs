@@ -24,6 +24,8 @@ pub struct QHeader {
     pub size: u64,
     pub l1_size: u32,
     pub l1_table_offset: u64,
+    pub refcount_table_offset: u64,
+    pub refcount_table_clusters: u32,
     pub incompatible: u64,
     pub compatible: u64,
     pub refcount_order: u32,
@@ -118,6 +120,8 @@ impl QHeader {
             size: be64(&c0, 24),
             l1_size: be32(&c0, 36),
             l1_table_offset: be64(&c0, 40),
+            refcount_table_offset: be64(&c0, 48),
+            refcount_table_clusters: be32(&c0, 56),
             incompatible,
             compatible,
             refcount_order,
@@ -278,6 +282,11 @@ impl L2Walker {
 
     fn l2_entries(&self) -> u64 {
         1 << (self.cluster_bits - 3)
+    }
+
+    /// Host offset of the L2 table of L1 entry `i` (0 when unallocated).
+    pub fn l2_offset(&self, i: u64) -> u64 {
+        self.l1.get(i as usize).map_or(0, |e| e & OFFSET_MASK)
     }
 
     /// Number of L1 entries.
