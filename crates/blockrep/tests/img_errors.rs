@@ -209,6 +209,32 @@ fn user_errors_are_one_line_and_non_zero() {
         fails(&d, &["check", "r.raw"], "does not support checks"),
         63
     );
+    // Features qcow-lite does not handle are named.
+    d.qi_ok(&[
+        "create",
+        "-f",
+        "qcow2",
+        "-o",
+        "extended_l2=on",
+        "xl2.qcow2",
+        "1M",
+    ]);
+    d.qi_ok(&[
+        "create",
+        "-f",
+        "qcow2",
+        "-o",
+        "refcount_bits=8",
+        "rc8.qcow2",
+        "1M",
+    ]);
+    fails(&d, &["map", "xl2.qcow2"], "extended L2");
+    fails(&d, &["check", "rc8.qcow2"], "refcount_bits=8");
+    fails(
+        &d,
+        &["convert", "-c", "-O", "qcow2", "q.qcow2", "c.qcow2"],
+        "compress",
+    );
     // Nothing was changed by the failures.
     d.assert_clean("q.qcow2");
     let v: serde_json::Value =

@@ -86,6 +86,15 @@ fn info_json_agrees() {
         "qcow2",
         "ours-top.qcow2",
     ]);
+    // Images qcow-lite does not open for I/O still show in info.
+    for (name, o) in [
+        ("v2.qcow2", "compat=0.10"),
+        ("xl2.qcow2", "extended_l2=on"),
+        ("zstd.qcow2", "compression_type=zstd"),
+        ("rc8.qcow2", "refcount_bits=8"),
+    ] {
+        d.qi_ok(&["create", "-f", "qcow2", "-o", o, name, "1M"]);
+    }
     std::fs::create_dir(d.path("sub")).unwrap();
     d.qi_ok(&[
         "create",
@@ -105,6 +114,10 @@ fn info_json_agrees() {
         "ours.qcow2",
         "ours-top.qcow2",
         "sub/deep.qcow2",
+        "v2.qcow2",
+        "xl2.qcow2",
+        "zstd.qcow2",
+        "rc8.qcow2",
     ] {
         let ours = json(&d.br_ok(&["info", "--output=json", img]));
         let qemu = json(&d.qi_ok(&["info", "--output=json", img]));

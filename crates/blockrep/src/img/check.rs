@@ -159,6 +159,24 @@ pub fn run(a: CheckArgs) -> VerbResult {
         ));
     }
     drop(layer);
+    // qcow-lite's check counts 16-bit refcounts only.
+    let order = std::fs::File::open(path)
+        .map_err(|e| ImgError::Open {
+            path: name.clone(),
+            source: e,
+        })
+        .and_then(|f| QHeader::read(&f, &name))
+        .map_err(|e| (e, 1))?
+        .refcount_order;
+    if order != 4 {
+        return Err((
+            ImgError::image(format!(
+                "Check of '{name}' is not supported: refcount_bits={} (only 16 is supported)",
+                1u64 << order.min(6)
+            )),
+            1,
+        ));
+    }
     let before = check_once(path, &name).map_err(|e| (e, 1))?;
     let mut report = before.clone();
     let (mut leaks_fixed, mut corruptions_fixed) = (0, 0);

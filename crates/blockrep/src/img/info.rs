@@ -1,7 +1,9 @@
 //! `info`: format, sizes, backing file and qcow2 specifics, as `qemu-img info` prints them.
 
-use super::chain::{backing_path, open_layer, Layer};
+use super::chain::backing_path;
+use super::header::{is_qcow2, QHeader};
 use super::size::size_to_str;
+use super::Format;
 use super::{fail1, print_json, ImageOpt, ImgError, OutputFormat, VerbResult};
 use clap::Args;
 use serde_json::{json, Map, Value};
@@ -25,6 +27,66 @@ pub struct InfoArgs {
     force_share: bool,
     /// The image.
     filename: String,
+}
+
+/// What `info` shows of one image: only the header is read, so images
+/// that qcow-lite refuses to open (version 2, extended L2...) still show.
+struct Layer {
+    name: String,
+    path: PathBuf,
+    format: Format,
+    header: Option<QHeader>,
+    size: u64,
+}
+
+impl Layer {
+    fn size(&self) -> u64 {
+        self.size
+    }
+}
+
+fn open_layer(path: &Path, name: &str, fmt: Option<Format>, _rw: bool) -> Result<Layer, ImgError> {
+    if path.is_dir() {
+        return Err(ImgError::image(format!(
+            "Could not open '{name}': Is a directory"
+        )));
+    }
+    let f = std::fs::File::open(path).map_err(|e| ImgError::Open {
+        path: name.to_string(),
+        source: e,
+    })?;
+    let qcow = is_qcow2(&f)?;
+    let format = match fmt {
+        Some(Format::Qcow2) if !qcow => {
+            return Err(ImgError::image(format!(
+                "Could not open '{name}': Image is not in qcow2 format"
+            )))
+        }
+        Some(f) => f,
+        None if qcow => Format::Qcow2,
+        None => Format::Raw,
+    };
+    let (header, size) = match format {
+        Format::Qcow2 => {
+            let h = QHeader::read(&f, name)?;
+            let size = h.size;
+            (Some(h), size)
+        }
+        Format::Raw => {
+            let len = f
+                .metadata()
+                .map_err(|e| ImgError::io(format!("stat '{name}'"), e))?
+                .len();
+            (None, len.div_ceil(512) * 512)
+        }
+    };
+    Ok(Layer {
+        name: name.to_string(),
+        path: path.to_path_buf(),
+        format,
+        header,
+        size,
+    })
 }
 
 fn file_info(path: &Path, name: &str) -> Result<(u64, u64), ImgError> {
@@ -86,6 +148,18 @@ fn image_json(l: &Layer) -> Result<Value, ImgError> {
                 }
             }),
         );
+        if h.version < 3 {
+            // Version 2 has no feature bits: QEMU prints only these.
+            if let Some(d) = m
+                .get_mut("format-specific")
+                .and_then(|v| v.get_mut("data"))
+                .and_then(|v| v.as_object_mut())
+            {
+                for k in ["lazy-refcounts", "corrupt", "extended-l2"] {
+                    d.remove(k);
+                }
+            }
+        }
         dirty = h.incompatible & 1 != 0;
     }
     m.insert("dirty-flag".into(), json!(dirty));
@@ -122,10 +196,14 @@ fn print_human(l: &Layer, v: &Value) -> Result<(), ImgError> {
             "    compression type: {}",
             d["compression-type"].as_str().unwrap_or("zlib")
         );
-        println!("    lazy refcounts: {}", d["lazy-refcounts"]);
-        println!("    refcount bits: {}", d["refcount-bits"]);
-        println!("    corrupt: {}", d["corrupt"]);
-        println!("    extended l2: {}", d["extended-l2"]);
+        if h.version < 3 {
+            println!("    refcount bits: {}", d["refcount-bits"]);
+        } else {
+            println!("    lazy refcounts: {}", d["lazy-refcounts"]);
+            println!("    refcount bits: {}", d["refcount-bits"]);
+            println!("    corrupt: {}", d["corrupt"]);
+            println!("    extended l2: {}", d["extended-l2"]);
+        }
     }
     println!("Child node '/file':");
     println!("    filename: {}", l.name);
