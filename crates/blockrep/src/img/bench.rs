@@ -1,11 +1,15 @@
-//! `bench`: qemu-img's simple I/O benchmark, over our stack: `depth`
-//! threads issue `count` requests of `size` bytes, `step` bytes apart,
+//! `bench`: qemu-img's simple I/O benchmark, over our stack: the image is
+//! opened as a block-graph node (`qcow2` from qcow-lite, or `raw`, over a
+//! `file` node, with its backing chain), and `depth` threads issue `count`
+//! requests of `size` bytes through the node's door, `step` bytes apart,
 //! wrapping at the end of the image.
 
-use super::chain::Chain;
+use super::header::is_qcow2;
 use super::size::parse_size;
-use super::{fail1, opt_fmt, FormatName, ImgError, VerbResult};
+use super::{fail1, opt_fmt, Format, FormatName, ImgError, VerbResult};
+use block_graph::{Graph, NodeRef, WriteFlags};
 use clap::Args;
+use serde_json::json;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Mutex;
 use std::time::Instant;
@@ -31,7 +35,7 @@ pub struct BenchArgs {
     /// Native AIO mode (accepted; we use threads).
     #[arg(short = 'i')]
     aio: Option<String>,
-    /// No host cache (accepted; we use the page cache).
+    /// No host cache (O_DIRECT, like -t none).
     #[arg(short = 'n')]
     nocache: bool,
     /// Offset of the first request.
@@ -49,7 +53,7 @@ pub struct BenchArgs {
     /// Step between requests (default: the request size).
     #[arg(short = 'S')]
     step: Option<String>,
-    /// Cache mode (accepted for compatibility).
+    /// Cache mode: none, writeback (default), writethrough, directsync, unsafe.
     #[arg(short = 't')]
     cache: Option<String>,
     /// Write requests instead of reads.
@@ -62,9 +66,58 @@ pub struct BenchArgs {
     filename: String,
 }
 
+/// Open the image as node "bench" of a new graph.
+fn open_node(a: &BenchArgs) -> Result<(Graph, NodeRef), ImgError> {
+    let fmt = match opt_fmt(&a.format)? {
+        Some(f) => f,
+        None => {
+            let f = std::fs::File::open(&a.filename).map_err(|e| ImgError::Open {
+                path: a.filename.clone(),
+                source: e,
+            })?;
+            if is_qcow2(&f)? {
+                Format::Qcow2
+            } else {
+                Format::Raw
+            }
+        }
+    };
+    if !std::path::Path::new(&a.filename).is_file() {
+        return Err(ImgError::image(format!(
+            "Could not open '{}': not a regular file",
+            a.filename
+        )));
+    }
+    let (direct, no_flush) = match a.cache.as_deref() {
+        None | Some("writeback") | Some("writethrough") => (a.nocache, false),
+        Some("none") | Some("directsync") => (true, false),
+        Some("unsafe") => (a.nocache, true),
+        Some(other) => return Err(ImgError::usage(format!(
+            "Invalid cache option: '{other}' (none, writeback, writethrough, directsync, unsafe)"
+        ))),
+    };
+    let g = Graph::new();
+    qcow_lite::register(&g);
+    let def = json!({
+        "driver": fmt.name(),
+        "node-name": "bench",
+        "read-only": !a.write,
+        "file": {
+            "driver": "file",
+            "filename": a.filename,
+            "read-only": !a.write,
+            "cache": {"direct": direct, "no-flush": no_flush}
+        }
+    });
+    let node = g
+        .add_node(&def)
+        .map_err(|e| ImgError::image(format!("Could not open '{}': {e}", a.filename)))?;
+    Ok((g, node))
+}
+
 /// Run `bench`.
 pub fn run(a: BenchArgs) -> VerbResult {
-    let _ = (&a.aio, a.nocache, &a.cache, a.force_share);
+    let _ = (&a.aio, a.force_share);
     fail1(run_inner(&a)).map(|()| 0)
 }
 
@@ -86,8 +139,8 @@ fn run_inner(a: &BenchArgs) -> Result<(), ImgError> {
             "--flush-interval is only available in write tests",
         ));
     }
-    let chain = Chain::open(&a.filename, opt_fmt(&a.format)?, a.write, true)?;
-    let image_size = chain.size();
+    let (graph, node) = open_node(a)?;
+    let image_size = node.len();
     if offset.checked_add(bufsize).map_or(true, |e| e > image_size) {
         return Err(ImgError::usage(format!(
             "Requests of {bufsize} bytes at offset {offset} do not fit in the image ({image_size} bytes)"
@@ -101,6 +154,9 @@ fn run_inner(a: &BenchArgs) -> Result<(), ImgError> {
             a.depth
         );
     }
+    let flags = WriteFlags {
+        fua: matches!(a.cache.as_deref(), Some("writethrough" | "directsync")),
+    };
     let next = AtomicU64::new(0);
     let first_err: Mutex<Option<ImgError>> = Mutex::new(None);
     let span = image_size - bufsize + 1;
@@ -116,15 +172,16 @@ fn run_inner(a: &BenchArgs) -> Result<(), ImgError> {
                     }
                     let off = (offset + i.wrapping_mul(step) % span.max(1)) % span.max(1);
                     let r = if a.write {
-                        let r = chain.write_at_layer(0, off, &buf);
+                        let r = node.write(off, &buf, flags);
                         if r.is_ok() && a.flush_interval > 0 && (i + 1) % a.flush_interval == 0 {
-                            chain.close()
+                            node.flush()
                         } else {
                             r
                         }
                     } else {
-                        chain.read(off, &mut buf)
+                        node.read(off, &mut buf)
                     };
+                    let r = r.map_err(|e| ImgError::image(format!("bench: {e}")));
                     if let Err(e) = r {
                         let mut g = first_err.lock().unwrap_or_else(|p| p.into_inner());
                         g.get_or_insert(e);
@@ -139,12 +196,15 @@ fn run_inner(a: &BenchArgs) -> Result<(), ImgError> {
         return Err(e);
     }
     if a.write && !a.no_drain {
-        chain.close()?;
+        node.flush()
+            .map_err(|e| ImgError::image(format!("bench: flush: {e}")))?;
     }
     let secs = start.elapsed().as_secs_f64();
-    if a.write {
-        chain.close()?;
-    }
+    drop(node);
+    // Closing the node closes the image cleanly (qcow2: exact refcounts).
+    graph
+        .remove_node("bench")
+        .map_err(|e| ImgError::image(format!("bench: close: {e}")))?;
     if !a.quiet {
         println!("Run completed in {secs:.3} seconds.");
     }
