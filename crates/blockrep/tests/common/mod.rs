@@ -27,6 +27,7 @@ impl Daemon {
             .args(["serve", "--qmp"])
             .arg(&qmp_path)
             .args(["--log-level", "debug"])
+            .current_dir(dir)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(log)
@@ -144,6 +145,12 @@ impl Qmp {
         self.writer.write_all(text.as_bytes()).unwrap();
         self.writer.write_all(b"\n").unwrap();
         self.next_reply().expect("a reply")
+    }
+
+    /// Sends raw text (and a newline) without waiting for a reply.
+    pub fn writer_send(&mut self, text: &str) {
+        self.writer.write_all(text.as_bytes()).unwrap();
+        self.writer.write_all(b"\n").unwrap();
     }
 
     /// The next non-event message.
