@@ -26,6 +26,9 @@ use crate::error::{ErrorKind, NbdError, Result};
 use crate::export::Extent;
 use crate::protocol::*;
 
+/// How many times one request is sent again after losing its connection.
+const MAX_RESENDS: u32 = 5;
+
 /// How long the handshake may take before the attempt is abandoned.
 const NEGOTIATION_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -494,6 +497,7 @@ impl NbdClient {
 
     /// Sends one request (retrying across reconnects) and waits for its reply.
     fn call(&self, cmd: u16, flags: u16, offset: u64, len: u32, data: &[u8]) -> Result<ReplyData> {
+        let mut lost = 0;
         loop {
             let conn = self.wait_connected()?;
             let cookie = self.inner.next_cookie.fetch_add(1, Ordering::Relaxed);
@@ -543,9 +547,19 @@ impl NbdClient {
             }
             match rx.recv() {
                 Ok(Ok(r)) => return Ok(r),
-                Ok(Err(e)) if e.kind == ErrorKind::Disconnected => continue,
+                Ok(Err(e)) if e.kind == ErrorKind::Disconnected => {
+                    // Sent again on the next connection; a server that drops every
+                    // connection while this request is in flight makes it fail.
+                    lost += 1;
+                    if lost >= MAX_RESENDS {
+                        return Err(NbdError::new(
+                            ErrorKind::Io,
+                            format!("cmd {cmd} offset {offset} length {len}: connection lost {lost} times while in flight"),
+                        ));
+                    }
+                }
                 Ok(Err(e)) => return Err(e),
-                Err(_) => continue,
+                Err(_) => lost += 1,
             }
         }
     }

@@ -821,10 +821,16 @@ impl Inner {
                     budget.take(reserve);
                     let mut data = Vec::new();
                     if req.cmd == CMD_WRITE {
-                        data = vec![0u8; req.len as usize];
-                        if let Err(e) = r.read_exact(&mut data) {
+                        // Length checked above; read_to_end fills the capacity
+                        // without zeroing it first.
+                        data.reserve_exact(req.len as usize);
+                        let got = r.by_ref().take(req.len as u64).read_to_end(&mut data);
+                        if got.is_err() || data.len() != req.len as usize {
                             budget.give(reserve);
-                            return Err(NbdError::io("read write payload", e));
+                            return Err(NbdError::new(
+                                ErrorKind::Disconnected,
+                                format!("client gone during {} byte write payload", req.len),
+                            ));
                         }
                     }
                     if tx.send(Job { req, data }).is_err() {

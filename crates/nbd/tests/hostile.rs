@@ -328,6 +328,34 @@ fn transmission_errors() {
     r.send(b"abc");
     assert_eq!(r.simple(), (0, 10));
     assert_eq!(&mem.snapshot()[100..103], b"abc");
+    // A write of exactly the maximum is accepted, and costs one buffer of that size.
+    r.request(CMD_WRITE, 0, 12, 0, MAX_PAYLOAD);
+    let mut big = vec![0x42u8; MAX_PAYLOAD as usize];
+    r.send(&big);
+    assert_eq!(
+        r.simple(),
+        (ENOSPC, 12),
+        "1 MiB export: the 32 MiB write is past its end"
+    );
+    let s2 = NbdServer::new(ServerConfig::default());
+    let mem2 = Arc::new(MemExport::new(MAX_PAYLOAD as u64));
+    s2.add_export("big", mem2.clone(), ExportOptions::default())
+        .unwrap();
+    let sock2 = dir.path().join("big.sock");
+    s2.listen_unix(&sock2).unwrap();
+    let mut r2 = Raw::connect(&sock2);
+    r2.go("big", false);
+    r2.request(CMD_WRITE, 0, 1, 0, MAX_PAYLOAD);
+    r2.send(&big);
+    assert_eq!(r2.simple(), (0, 1));
+    assert!(mem2.snapshot() == big);
+    big.clear();
+    s2.stop();
+    assert!(
+        LARGEST.load(Ordering::Relaxed) <= ALLOC_LIMIT,
+        "largest allocation {} bytes",
+        LARGEST.load(Ordering::Relaxed)
+    );
     // A write larger than the maximum: refused, connection closed.
     r.request(CMD_WRITE, 0, 11, 0, MAX_PAYLOAD + 1);
     assert_eq!(r.simple(), (EINVAL, 11));
