@@ -369,7 +369,8 @@ impl NbdServer {
     }
 
     /// Stops the server: no new connections, every client disconnected after its
-    /// in-flight requests are answered. Returns when all connections are gone.
+    /// in-flight requests are answered, then every export removed. Returns when all
+    /// connections are gone.
     pub fn stop(&self) {
         self.inner.stopping.store(true, Ordering::Release);
         let listeners: Vec<ListenerHandle> = std::mem::take(&mut *self.inner.listeners.lock());
@@ -391,6 +392,9 @@ impl NbdServer {
         while !conns.is_empty() {
             self.inner.conns_changed.wait(&mut conns);
         }
+        drop(conns);
+        // As QEMU's nbd-server-stop: the exports go too (releasing their backends).
+        self.inner.exports.write().clear();
     }
 }
 

@@ -225,9 +225,13 @@ fn remove_export_safe_refuses_hard_drains() {
 fn stop_disconnects_clients() {
     let dir = tempfile::tempdir().unwrap();
     let ts = TestServer::start(dir.path(), "d", 1 << 20);
+    use std::os::unix::fs::PermissionsExt;
+    let mode = std::fs::metadata(&ts.sock).unwrap().permissions().mode();
+    assert_eq!(mode & 0o777, 0o600, "Unix socket mode");
     let c = NbdClient::connect(ServerAddr::Tcp("127.0.0.1".into(), ts.port), "d").unwrap();
     c.write(0, &[1; 512], false).unwrap();
     ts.server.stop();
+    assert!(ts.server.export_names().is_empty());
     assert_eq!(ts.server.connection_count(None), 0);
     assert_eq!(
         c.write(0, &[1; 512], false).unwrap_err().kind,
