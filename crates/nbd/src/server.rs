@@ -42,6 +42,10 @@ pub struct ServerConfig {
     pub workers_per_connection: usize,
     /// Payload bytes (READ and WRITE) a connection may hold in flight.
     pub inflight_bytes: u64,
+    /// How long `stop`/hard removal let a connection answer its in-flight
+    /// requests before shutting its socket down completely (a client that stops
+    /// reading its replies would otherwise block the drain forever).
+    pub drain_timeout: Duration,
 }
 
 impl Default for ServerConfig {
@@ -49,6 +53,7 @@ impl Default for ServerConfig {
         ServerConfig {
             workers_per_connection: 4,
             inflight_bytes: 64 * 1024 * 1024,
+            drain_timeout: Duration::from_secs(10),
         }
     }
 }
@@ -221,12 +226,8 @@ impl NbdServer {
             }
         }
         // Drain: wait until every connection of this export has answered and gone.
-        while conns
-            .values()
-            .any(|c| c.export.lock().as_deref() == Some(name))
-        {
-            self.inner.conns_changed.wait(&mut conns);
-        }
+        self.inner
+            .wait_gone(&mut conns, |c| c.export.lock().as_deref() == Some(name));
         Ok(())
     }
 
@@ -389,9 +390,7 @@ impl NbdServer {
                 s.shutdown(Shutdown::Read);
             }
         }
-        while !conns.is_empty() {
-            self.inner.conns_changed.wait(&mut conns);
-        }
+        self.inner.wait_gone(&mut conns, |_| true);
         drop(conns);
         // As QEMU's nbd-server-stop: the exports go too (releasing their backends).
         self.inner.exports.write().clear();
@@ -478,6 +477,29 @@ fn discard<R: Read>(r: &mut R, mut n: u64) -> Result<()> {
 }
 
 impl Inner {
+    /// Waits until no connection matching `pred` is left; after the configured
+    /// drain timeout the stragglers' sockets are shut down completely.
+    fn wait_gone(
+        &self,
+        conns: &mut parking_lot::MutexGuard<'_, HashMap<u64, Arc<ConnShared>>>,
+        pred: impl Fn(&ConnShared) -> bool,
+    ) {
+        let deadline = std::time::Instant::now() + self.config.drain_timeout;
+        let mut forced = false;
+        while conns.values().any(|c| pred(c)) {
+            if forced {
+                self.conns_changed.wait(conns);
+            } else if self.conns_changed.wait_until(conns, deadline).timed_out() {
+                forced = true;
+                for c in conns.values().filter(|c| pred(c)) {
+                    if let Some(s) = &c.sock {
+                        s.shutdown(Shutdown::Both);
+                    }
+                }
+            }
+        }
+    }
+
     fn conn_done(&self, id: u64) {
         self.conns.lock().remove(&id);
         self.conns_changed.notify_all();

@@ -637,3 +637,43 @@ fn serve_io_on_mutated_input() {
     assert_eq!(&out[..8], b"NBDMAGIC");
     assert_eq!(PANICS.load(Ordering::SeqCst), 0);
 }
+
+/// A client that sends requests but never reads a reply blocks its connection's
+/// writes; stop() still returns (after the drain timeout) and other clients were
+/// served meanwhile.
+#[test]
+fn stop_with_a_client_that_never_reads() {
+    count_server_panics();
+    let dir = tempfile::tempdir().unwrap();
+    let s = NbdServer::new(ServerConfig {
+        drain_timeout: Duration::from_millis(500),
+        ..ServerConfig::default()
+    });
+    s.add_export(
+        "d",
+        Arc::new(MemExport::new(4 << 20)),
+        ExportOptions::default(),
+    )
+    .unwrap();
+    let sock = dir.path().join("n.sock");
+    s.listen_unix(&sock).unwrap();
+    let mut r = Raw::connect(&sock);
+    r.go("d", false);
+    for i in 0..64u64 {
+        r.request(CMD_READ, 0, i, 0, 4 << 20);
+    }
+    std::thread::sleep(Duration::from_millis(200));
+    let c = NbdClient::connect(ServerAddr::Unix(sock.clone()), "d").unwrap();
+    c.write(0, b"ok", false).unwrap();
+    drop(c);
+    let t = std::time::Instant::now();
+    s.stop();
+    assert!(
+        t.elapsed() < Duration::from_secs(5),
+        "stop took {:?}",
+        t.elapsed()
+    );
+    assert_eq!(s.connection_count(None), 0);
+    drop(r);
+    assert_eq!(PANICS.load(Ordering::SeqCst), 0);
+}
