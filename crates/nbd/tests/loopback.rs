@@ -239,3 +239,134 @@ fn stop_disconnects_clients() {
     );
     assert!(!ts.sock.exists());
 }
+
+/// A minimal old-fashioned server (fixed newstyle but no NO_ZEROES, every option
+/// unsupported, EXPORT_NAME only, simple replies): the client falls back to
+/// EXPORT_NAME, reads the 124 zero bytes, and works without structured replies.
+#[test]
+fn client_falls_back_to_export_name_and_simple_replies() {
+    use nbd::protocol::*;
+    use std::io::{Read, Write};
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("old.sock");
+    let listener = std::os::unix::net::UnixListener::bind(&path).unwrap();
+    let server = std::thread::spawn(move || {
+        let (mut s, _) = listener.accept().unwrap();
+        let mut g = Vec::new();
+        g.extend_from_slice(&NBDMAGIC.to_be_bytes());
+        g.extend_from_slice(&IHAVEOPT.to_be_bytes());
+        g.extend_from_slice(&FLAG_FIXED_NEWSTYLE.to_be_bytes());
+        s.write_all(&g).unwrap();
+        let mut f = [0u8; 4];
+        s.read_exact(&mut f).unwrap();
+        assert_eq!(
+            u32::from_be_bytes(f),
+            FLAG_C_FIXED_NEWSTYLE,
+            "no NO_ZEROES offered"
+        );
+        let mut seen = Vec::new();
+        loop {
+            let mut h = [0u8; 16];
+            s.read_exact(&mut h).unwrap();
+            let h = OptionHeader::decode(&h).unwrap();
+            let mut d = vec![0; h.len as usize];
+            s.read_exact(&mut d).unwrap();
+            seen.push(h.option);
+            if h.option == OPT_EXPORT_NAME {
+                assert_eq!(d, b"old");
+                let mut r = (1u64 << 20).to_be_bytes().to_vec();
+                r.extend_from_slice(&(TFLAG_HAS_FLAGS | TFLAG_SEND_FLUSH).to_be_bytes());
+                r.extend_from_slice(&[0u8; 124]);
+                s.write_all(&r).unwrap();
+                break;
+            }
+            let rep = OptionReplyHeader {
+                option: h.option,
+                reply_type: REP_ERR_UNSUP,
+                len: 0,
+            };
+            s.write_all(&rep.encode()).unwrap();
+        }
+        assert_eq!(seen, vec![OPT_STRUCTURED_REPLY, OPT_GO, OPT_EXPORT_NAME]);
+        loop {
+            let mut h = [0u8; 28];
+            if s.read_exact(&mut h).is_err() {
+                return;
+            }
+            let r = Request::decode(&h).unwrap();
+            match r.cmd {
+                CMD_READ => {
+                    let mut rep = SimpleReply {
+                        error: 0,
+                        cookie: r.cookie,
+                    }
+                    .encode()
+                    .to_vec();
+                    rep.extend((0..r.len).map(|i| (r.offset + i as u64) as u8));
+                    s.write_all(&rep).unwrap();
+                }
+                CMD_FLUSH => s
+                    .write_all(
+                        &SimpleReply {
+                            error: 0,
+                            cookie: r.cookie,
+                        }
+                        .encode(),
+                    )
+                    .unwrap(),
+                CMD_DISC => return,
+                CMD_WRITE => {
+                    let mut d = vec![0u8; r.len as usize];
+                    s.read_exact(&mut d).unwrap();
+                    let rep = SimpleReply {
+                        error: EPERM,
+                        cookie: r.cookie,
+                    };
+                    s.write_all(&rep.encode()).unwrap();
+                }
+                _ => s
+                    .write_all(
+                        &SimpleReply {
+                            error: EPERM,
+                            cookie: r.cookie,
+                        }
+                        .encode(),
+                    )
+                    .unwrap(),
+            }
+        }
+    });
+    let c = NbdClient::connect(ServerAddr::Unix(path), "old").unwrap();
+    let info = c.info();
+    assert!(!info.structured);
+    assert_eq!(info.base_allocation, None);
+    assert_eq!(info.size, 1 << 20);
+    let mut b = vec![0u8; 70000];
+    c.read(1000, &mut b).unwrap();
+    assert!(b.iter().enumerate().all(|(i, &x)| x == (1000 + i) as u8));
+    c.flush().unwrap();
+    // No FUA, no zeroes, no trim advertised: refused locally.
+    assert_eq!(
+        c.write(0, &[1], true).unwrap_err().kind,
+        ErrorKind::NotSupported
+    );
+    assert_eq!(
+        c.trim(0, 1, false).unwrap_err().kind,
+        ErrorKind::NotSupported
+    );
+    assert_eq!(
+        c.write(0, &[1], false).unwrap_err().kind,
+        ErrorKind::PermissionDenied
+    );
+    // Without a context every extent is data.
+    assert_eq!(
+        c.block_status(0, 4096).unwrap(),
+        vec![Extent {
+            len: 4096,
+            hole: false,
+            zero: false
+        }]
+    );
+    drop(c);
+    server.join().unwrap();
+}
