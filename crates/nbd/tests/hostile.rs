@@ -677,3 +677,61 @@ fn stop_with_a_client_that_never_reads() {
     drop(r);
     assert_eq!(PANICS.load(Ordering::SeqCst), 0);
 }
+
+/// Reads at offset 0 take 300 ms; everything else is immediate.
+struct SlowAtZero(MemExport);
+
+impl nbd::Export for SlowAtZero {
+    fn size(&self) -> u64 {
+        self.0.size()
+    }
+    fn read(&self, offset: u64, buf: &mut [u8]) -> nbd::Result<()> {
+        if offset == 0 {
+            std::thread::sleep(Duration::from_millis(300));
+        }
+        self.0.read(offset, buf)
+    }
+    fn write(&self, offset: u64, data: &[u8], fua: bool) -> nbd::Result<()> {
+        self.0.write(offset, data, fua)
+    }
+    fn flush(&self) -> nbd::Result<()> {
+        Ok(())
+    }
+    fn write_zeroes(&self, o: u64, l: u64, t: bool, f: bool) -> nbd::Result<()> {
+        self.0.write_zeroes(o, l, t, f)
+    }
+}
+
+/// Replies come back as requests complete, not in request order.
+#[test]
+fn replies_in_completion_order() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = NbdServer::new(ServerConfig::default());
+    s.add_export(
+        "d",
+        Arc::new(SlowAtZero(MemExport::new(1 << 20))),
+        ExportOptions::default(),
+    )
+    .unwrap();
+    let sock = dir.path().join("o.sock");
+    s.listen_unix(&sock).unwrap();
+    let mut r = Raw::connect(&sock);
+    r.go("d", false);
+    r.request(CMD_READ, 0, 1, 0, 512);
+    r.request(CMD_READ, 0, 2, 4096, 512);
+    r.request(CMD_FLUSH, 0, 3, 0, 0);
+    let mut order = Vec::new();
+    for _ in 0..3 {
+        let (err, cookie) = r.simple();
+        assert_eq!(err, 0);
+        if cookie != 3 {
+            r.read_vec(512);
+        }
+        order.push(cookie);
+    }
+    assert_eq!(
+        order[2], 1,
+        "the slow read must be answered last: {order:?}"
+    );
+    s.stop();
+}
