@@ -10,7 +10,6 @@
 
 mod block;
 mod export;
-mod fallback;
 mod jobs;
 pub(crate) mod log;
 mod repl;
@@ -65,7 +64,8 @@ impl Daemon {
         let states = StateRegistry::new();
         block_jobs::register_drivers(&graph);
         replication_driver::register(&graph, &repl, Some(&states));
-        fallback::register_missing(&graph);
+        qcow_lite::register(&graph);
+        nbd::blockdev::register(&graph);
         Daemon {
             graph,
             jobs: JobManager::new(),
