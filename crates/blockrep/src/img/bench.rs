@@ -92,9 +92,11 @@ fn open_node(a: &BenchArgs) -> Result<(Graph, NodeRef), ImgError> {
         None | Some("writeback") | Some("writethrough") => (a.nocache, false),
         Some("none") | Some("directsync") => (true, false),
         Some("unsafe") => (a.nocache, true),
-        Some(other) => return Err(ImgError::usage(format!(
+        Some(other) => {
+            return Err(ImgError::usage(format!(
             "Invalid cache option: '{other}' (none, writeback, writethrough, directsync, unsafe)"
-        ))),
+        )))
+        }
     };
     let g = Graph::new();
     qcow_lite::register(&g);

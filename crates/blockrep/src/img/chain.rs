@@ -129,7 +129,7 @@ pub fn open_layer(
                 .try_clone()
                 .map_err(|e| ImgError::io(format!("open '{name}'"), e))?;
             let walker = L2Walker::new(wf, &header, name)?;
-            let prealloc = looks_preallocated(&f, header.cluster_size());
+            let prealloc = looks_preallocated(&f, &header);
             let q = Qcow2::open(f, !rw)
                 .map_err(|e| ImgError::qcow(format!("Could not open '{name}'"), e))?;
             Ok(Layer {
@@ -442,13 +442,14 @@ impl BackingRead for Below<'_> {
 
 /// QEMU's heuristic (qcow2_detect_metadata_preallocation): the file claims
 /// many more clusters than the file system has allocated.
-fn looks_preallocated(f: &File, cs: u64) -> bool {
+fn looks_preallocated(f: &File, h: &QHeader) -> bool {
     use std::os::unix::fs::MetadataExt;
+    let cs = h.cluster_size();
     let Ok(md) = f.metadata() else { return false };
-    let real_clusters = (md.blocks() * 512 / cs) as i64;
+    let real_clusters = md.blocks() * 512 / cs;
     let threshold = (real_clusters * 10 / 9).max(real_clusters + 2);
-    let last = md.len().div_ceil(cs) as i64 - 1;
-    last > threshold
+    let end = md.len().div_ceil(cs);
+    super::header::count_used_clusters(f, h, end, threshold).is_some_and(|n| n >= threshold)
 }
 
 /// Data or hole at `offset` of a raw file, and how far it goes (up to `len`).

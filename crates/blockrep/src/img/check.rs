@@ -65,7 +65,7 @@ fn frag_info(path: &Path, name: &str) -> Result<Frag, ImgError> {
         total: h.size.div_ceil(cs),
         ..Default::default()
     };
-    let mut next: u64 = 0;
+    let mut next: u64;
     let mut top = cs; // the header cluster
     let mut reach = |off: u64, len: u64| top = top.max((off + len).div_ceil(cs) * cs);
     reach(h.l1_table_offset, h.l1_size as u64 * 8);
@@ -84,6 +84,8 @@ fn frag_info(path: &Path, name: &str) -> Result<Frag, ImgError> {
             reach(l2, cs);
         }
         let Some(t) = w.l2_table(i)? else { continue };
+        // QEMU counts fragmentation within each L2 table.
+        next = 0;
         for &raw in t {
             match L2Walker::decode(raw) {
                 ClusterKind::Normal(off) | ClusterKind::ZeroAlloc(off) => {

@@ -158,6 +158,44 @@ fn extensions(c0: &[u8], start: usize) -> Vec<(u32, &[u8])> {
     out
 }
 
+/// How many of the host clusters `0..end` have a non-zero refcount,
+/// counting no further than `cap` (16-bit refcounts only; None otherwise).
+pub fn count_used_clusters(f: &File, h: &QHeader, end: u64, cap: u64) -> Option<u64> {
+    if h.refcount_order != 4 {
+        return None;
+    }
+    let cs = h.cluster_size();
+    let rt_len = h.refcount_table_clusters as u64 * cs;
+    if rt_len > 8 << 20 {
+        return None;
+    }
+    let mut rt = vec![0u8; rt_len as usize];
+    read_exact_at(f, &mut rt, h.refcount_table_offset, "refcount table").ok()?;
+    let per_block = cs / 2;
+    let mut blk = vec![0u8; cs as usize];
+    let mut count = 0u64;
+    for i in 0..rt.len() / 8 {
+        let first = i as u64 * per_block;
+        if first >= end || count >= cap {
+            break;
+        }
+        let off = be64(&rt, i * 8) & !0x1ff;
+        if off == 0 {
+            continue;
+        }
+        read_exact_at(f, &mut blk, off, "refcount block").ok()?;
+        for j in 0..per_block.min(end - first) as usize {
+            if count >= cap {
+                break;
+            }
+            if blk[j * 2] != 0 || blk[j * 2 + 1] != 0 {
+                count += 1;
+            }
+        }
+    }
+    Some(count)
+}
+
 /// Rewrite the backing file name and format of a closed qcow2 image. Other
 /// header extensions are kept; everything must fit in the first cluster.
 pub fn set_backing(

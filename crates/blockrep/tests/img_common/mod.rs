@@ -29,9 +29,12 @@ impl Dir {
     pub fn new() -> Dir {
         require("qemu-img");
         require("qemu-io");
-        Dir {
-            tmp: tempfile::tempdir().expect("temp dir"),
+        let mut tmp = tempfile::tempdir().expect("temp dir");
+        // BLOCKREP_IMG_KEEP=1 keeps the directory to look at after a failure.
+        if std::env::var_os("BLOCKREP_IMG_KEEP").is_some() {
+            tmp.disable_cleanup(true);
         }
+        Dir { tmp }
     }
 
     pub fn path(&self, name: &str) -> PathBuf {
@@ -77,11 +80,11 @@ impl Dir {
     }
 
     /// `qemu-io -f FMT -c CMD... FILE`, which must succeed.
-    pub fn qio(&self, fmt: &str, file: &str, cmds: &[&str]) {
+    pub fn qio<S: AsRef<str>>(&self, fmt: &str, file: &str, cmds: &[S]) {
         let mut a = vec!["-f", fmt];
         for c in cmds {
             a.push("-c");
-            a.push(c);
+            a.push(c.as_ref());
         }
         a.push(file);
         let o = self.run("qemu-io", &a);
