@@ -93,6 +93,11 @@ impl QHeader {
         } else {
             (72, 4, 0, 0)
         };
+        if header_length < 72 || header_length as usize > cs {
+            return Err(ImgError::image(format!(
+                "'{name}': invalid header length {header_length}"
+            )));
+        }
         let compression_type = if header_length > 104 { c0[104] } else { 0 };
         let bf_off = be64(&c0, 8) as usize;
         let bf_len = be32(&c0, 16) as usize;
