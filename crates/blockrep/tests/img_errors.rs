@@ -241,3 +241,97 @@ fn user_errors_are_one_line_and_non_zero() {
         serde_json::from_slice(&d.qi_ok(&["info", "--output=json", "q.qcow2"]).stdout).unwrap();
     assert!(v.get("backing-filename").is_none());
 }
+
+/// Mutated copies of a small two-level chain: every verb ends with a clear
+/// exit (no panic, no signal), and a failure says so in one line.
+#[test]
+fn hostile_images_never_panic() {
+    let d = Dir::new();
+    d.qi_ok(&[
+        "create",
+        "-f",
+        "qcow2",
+        "-o",
+        "cluster_size=4k",
+        "base.qcow2",
+        "1M",
+    ]);
+    d.qio(
+        "qcow2",
+        "base.qcow2",
+        &["write -P 1 0 100k", "write -z 200k 8k"],
+    );
+    d.qi_ok(&[
+        "create",
+        "-f",
+        "qcow2",
+        "-o",
+        "cluster_size=4k",
+        "-b",
+        "base.qcow2",
+        "-F",
+        "qcow2",
+        "seed.qcow2",
+    ]);
+    d.qio("qcow2", "seed.qcow2", &["write -P 2 50k 100k"]);
+    let seed = std::fs::read(d.path("seed.qcow2")).unwrap();
+    let base = std::fs::read(d.path("base.qcow2")).unwrap();
+    let cases: u64 = std::env::var("BLOCKREP_IMG_CASES")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(4)
+        * 8;
+    let mut x: u64 = 0x2545_f491_4f6c_dd1d;
+    let mut next = |n: usize| {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        (x % n as u64) as usize
+    };
+    let verbs: &[&[&str]] = &[
+        &["info", "--output=json", "m.qcow2"],
+        &["info", "--backing-chain", "m.qcow2"],
+        &["map", "--output=json", "m.qcow2"],
+        &["check", "--output=json", "m.qcow2"],
+        &["compare", "m.qcow2", "seed.qcow2"],
+        &["convert", "-O", "raw", "m.qcow2", "o.raw"],
+        &["commit", "m.qcow2"],
+        &["rebase", "-b", "", "m.qcow2"],
+        &["check", "-r", "all", "m.qcow2"],
+        &["bench", "-c", "50", "-d", "2", "-w", "m.qcow2"],
+    ];
+    for case in 0..cases {
+        let mut m = seed.clone();
+        for _ in 0..1 + next(6) {
+            // Mostly the header and the first metadata clusters.
+            let span = [120, 6 * 4096, m.len()][next(3)];
+            let at = next(span.min(m.len()));
+            if next(2) == 0 {
+                m[at] ^= 1 << next(8);
+            } else {
+                m[at] = next(256) as u8;
+            }
+        }
+        for v in verbs {
+            std::fs::write(d.path("m.qcow2"), &m).unwrap();
+            std::fs::write(d.path("base.qcow2"), &base).unwrap();
+            let o = d.br(v);
+            let err = String::from_utf8_lossy(&o.stderr);
+            let code = o.status.code();
+            assert!(
+                code.is_some() && code != Some(101) && !err.contains("panicked"),
+                "case {case} {v:?}: {}",
+                text(&o)
+            );
+            let expected_failure = v[0] == "check" || (v[0] == "compare" && code == Some(1));
+            if code != Some(0) && !expected_failure {
+                assert_eq!(
+                    err.trim().lines().count(),
+                    1,
+                    "case {case} {v:?}: {}",
+                    text(&o)
+                );
+            }
+        }
+    }
+}
