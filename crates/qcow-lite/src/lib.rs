@@ -57,6 +57,6 @@ pub use driver::{register, Qcow2Driver};
 pub use error::{Error, ErrorKind, Result};
 pub use image::{
     BackingRead, Chain, CheckReport, CreateOptions, Mapping, OpenOptions, Preallocation, Qcow2,
-    RawBacking,
+    RawBacking, MAKE_EMPTY_KEEP_TAIL,
 };
 pub use storage::{CrashStorage, MemStorage, Rng, Storage};
