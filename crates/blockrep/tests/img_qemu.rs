@@ -756,3 +756,100 @@ fn commit_into_shorter_base_and_rebase_onto_shorter_or_lower_backing() {
     let v = json(&d.qi_ok(&["info", "--output=json", "ours/small.qcow2"]));
     assert_eq!(v["virtual-size"], 4 << 20, "commit grows the base");
 }
+
+#[test]
+fn convert_over_a_backing_file_into_an_existing_image_and_fully_allocated() {
+    let d = Dir::new();
+    two_chains(&d);
+    for sub in ["ours", "qemu"] {
+        // -n: an existing raw image full of a pattern.
+        d.qi_ok(&["create", "-f", "raw", &format!("{sub}/existing.raw"), "5M"]);
+        d.qio("raw", &format!("{sub}/existing.raw"), &["write -P 13 0 5M"]);
+    }
+    let runs: &[&[&str]] = &[
+        &[
+            "convert",
+            "-O",
+            "qcow2",
+            "-B",
+            "mid.qcow2",
+            "-F",
+            "qcow2",
+            "top.qcow2",
+            "over.qcow2",
+        ],
+        &["convert", "-n", "-O", "raw", "top.qcow2", "existing.raw"],
+        &["convert", "-S", "0", "-O", "raw", "mid.qcow2", "full.raw"],
+        &[
+            "convert",
+            "-S",
+            "64k",
+            "-O",
+            "qcow2",
+            "mid.qcow2",
+            "s64.qcow2",
+        ],
+    ];
+    for args in runs {
+        for sub in ["ours", "qemu"] {
+            let n = args.len();
+            let a: Vec<String> = args
+                .iter()
+                .enumerate()
+                .map(|(i, s)| {
+                    if i >= n - 2 {
+                        format!("{sub}/{s}")
+                    } else {
+                        s.to_string()
+                    }
+                })
+                .collect();
+            let a: Vec<&str> = a.iter().map(|s| s.as_str()).collect();
+            if sub == "ours" {
+                d.br_ok(&a);
+            } else {
+                d.qi_ok(&a);
+            }
+        }
+        let out = args[args.len() - 1];
+        assert_same_results(&d, &[out]);
+    }
+    // -B: the output holds only top's own data and reads like top.
+    assert!(d.identical("ours/over.qcow2", "ours/top.qcow2"));
+    let oi = json(&d.qi_ok(&["info", "--output=json", "ours/over.qcow2"]));
+    let qi = json(&d.qi_ok(&["info", "--output=json", "qemu/over.qcow2"]));
+    for k in [
+        "backing-filename",
+        "backing-filename-format",
+        "virtual-size",
+    ] {
+        assert_eq!(oi[k], qi[k], "convert -B: {k}");
+    }
+    let om = json(&d.qi_ok(&["map", "--output=json", "ours/over.qcow2"]));
+    let qm = json(&d.qi_ok(&["map", "--output=json", "qemu/over.qcow2"]));
+    let present = |m: &serde_json::Value| -> Vec<(u64, u64, bool)> {
+        m.as_array()
+            .unwrap()
+            .iter()
+            .filter(|e| e["depth"] == 0)
+            .map(|e| {
+                (
+                    e["start"].as_u64().unwrap(),
+                    e["length"].as_u64().unwrap(),
+                    e["zero"].as_bool().unwrap(),
+                )
+            })
+            .collect()
+    };
+    assert_eq!(
+        present(&om),
+        present(&qm),
+        "convert -B: what the output holds itself"
+    );
+    // -n kept the tail of the existing image past the input's end.
+    d.qio("raw", "ours/existing.raw", &["read -P 13 4M 1M"]);
+    // -S 0: every byte allocated in both outputs.
+    let om = json(&d.br_ok(&["map", "--output=json", "ours/full.raw"]));
+    let qm = json(&d.qi_ok(&["map", "--output=json", "qemu/full.raw"]));
+    assert_eq!(om, qm, "convert -S 0: allocation");
+}
