@@ -214,6 +214,18 @@ def main():
     stop = {n["node-name"]: n for n in cmd(qmp, "query-named-block-nodes")}["stop"]
     assert "backing_file" not in stop, stop
 
+    # an I/O error with on-target-error=stop: BLOCK_JOB_ERROR, job paused
+    cmd(qmp, "blockdev-add", driver="blkdebug", **{"node-name": "bad"},
+        image={"driver": "memory", "size": 4 * MIB},
+        **{"inject-error": [{"event": "pwritev", "errno": 5},
+                            {"event": "pwritev_zero", "errno": 5}]})
+    cmd(qmp, "blockdev-backup", **{"job-id": "bk3"}, device="f0", target="bad", sync="full",
+        **{"on-target-error": "stop"})
+    ev = wait_event(qmp, "BLOCK_JOB_ERROR", lambda d: d["device"] == "bk3")
+    assert ev["data"] == {"device": "bk3", "operation": "write", "action": "stop"}, ev
+    cmd(qmp, "block-job-cancel", device="bk3", force=True)
+    wait_event(qmp, "BLOCK_JOB_CANCELLED", lambda d: d["device"] == "bk3")
+
     for verb in ["block-job-cancel", "block-job-pause", "block-job-resume",
                  "block-job-complete"]:
         expect_error(qmp, "DeviceNotActive", "Block job 'nojob' not found", verb,
@@ -249,7 +261,7 @@ def main():
 
     kinds = {e["event"] for e in SEEN}
     for k in ["JOB_STATUS_CHANGE", "BLOCK_JOB_READY", "BLOCK_JOB_COMPLETED",
-              "BLOCK_JOB_CANCELLED"]:
+              "BLOCK_JOB_CANCELLED", "BLOCK_JOB_ERROR"]:
         assert k in kinds, (k, kinds)
 
     cmd(qmp, "quit")
