@@ -10,6 +10,7 @@
 use clap::{Parser, Subcommand};
 use std::process::ExitCode;
 
+mod demo;
 mod img;
 mod serve;
 
@@ -23,6 +24,9 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
+    /// Run the whole system on embedded defaults: two daemons, guests,
+    /// checkpoints, a failover, and a byte-for-byte verification.
+    Demo(demo::Args),
     /// Run the daemon: one block graph, driven over QMP, exported over NBD.
     Serve(serve::Args),
     /// Image tools with qemu-img's verbs (create, info, check, map, ...).
@@ -33,6 +37,7 @@ enum Command {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
+        Command::Demo(args) => demo::run(args),
         Command::Serve(args) => serve::run(args),
         Command::Img(cmd) => img::run(cmd),
     }
