@@ -598,6 +598,10 @@ impl Shared {
             &run.secondary,
             MirrorOptions {
                 auto_complete: true,
+                // One copy at a time: block-jobs' final drained pass copies
+                // extra runs on helper threads that its own drain holds
+                // (a deadlock when the guest left dirty data behind).
+                max_in_flight: 1,
                 job: JobOptions::default(),
                 ..MirrorOptions::default()
             },

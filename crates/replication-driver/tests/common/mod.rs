@@ -114,6 +114,63 @@ pub fn secondary_with(size: u64, blkdebug: bool, opts: Option<SecondaryStackOpti
     }
 }
 
+/// A `memory` node holding a fresh qcow2 image of `size` bytes, and the
+/// `qcow2` definition opening it (without backing).
+pub fn qcow2_in_memory(graph: &Graph, name: &str, size: u64) -> Value {
+    let img = qcow_lite::Qcow2::create(
+        qcow_lite::storage::MemStorage::new(),
+        &qcow_lite::CreateOptions {
+            size,
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    img.close().unwrap();
+    let bytes = img.storage().to_vec();
+    let file = graph
+        .add_node(&json!({"driver": "memory", "node-name": format!("{name}-file"), "size": bytes.len()}))
+        .unwrap();
+    file.write(0, &bytes, WriteFlags::default()).unwrap();
+    json!({"driver": "qcow2", "node-name": name, "file": format!("{name}-file")})
+}
+
+/// Secondary stack options with qcow2 active and hidden disks over memory.
+pub fn qcow2_options(graph: &Graph, size: u64) -> SecondaryStackOptions {
+    SecondaryStackOptions {
+        filter_name: "sec0".into(),
+        top_id: None,
+        secondary_disk: "secondary-disk".into(),
+        hidden: qcow2_in_memory(graph, "sec0-hidden", size),
+        active: qcow2_in_memory(graph, "sec0-active", size),
+    }
+}
+
+/// The secondary setup with qcow2 active and hidden disks.
+pub fn secondary_qcow2(size: u64, blkdebug: bool) -> Secondary {
+    let (graph, registry, states) = graph();
+    qcow_lite::register(&graph);
+    let disk = secondary_disk(&graph, size, blkdebug);
+    fill(&disk, 0, size, 0x11);
+    let export = graph
+        .new_backend_named("nbd-export", &disk, PermPair::READ_WRITE)
+        .unwrap();
+    let opts = qcow2_options(&graph, size);
+    let stack = build_secondary_stack(&graph, &opts).unwrap();
+    let guest = graph
+        .new_backend_named("guest", &stack.filter, PermPair::READ_WRITE)
+        .unwrap();
+    let repl = Replication::of(&stack.filter).unwrap();
+    Secondary {
+        graph,
+        registry,
+        states,
+        stack,
+        export,
+        guest,
+        repl,
+    }
+}
+
 pub fn secondary() -> Secondary {
     secondary_with(DISK, false, None)
 }
