@@ -316,7 +316,7 @@ impl JobDriver for BackupDriver {
     fn clean(&mut self, _ctx: &JobContext) {
         if let Some(f) = self.filter.take() {
             // drained inside remove_filter; copies in flight finish first
-            let _ = self.graph.remove_filter(&f);
+            let _ = crate::graph_util::take_out_filter(&self.graph, &f);
         }
     }
 }
@@ -324,7 +324,7 @@ impl JobDriver for BackupDriver {
 impl Drop for BackupDriver {
     fn drop(&mut self) {
         if let Some(f) = self.filter.take() {
-            let _ = self.graph.remove_filter(&f);
+            let _ = crate::graph_util::take_out_filter(&self.graph, &f);
         }
     }
 }

@@ -180,4 +180,10 @@ impl Driver for CopyBeforeWrite {
     fn is_filter(&self) -> bool {
         true
     }
+
+    /// The filtered child may be re-attached at run time (rollback of a
+    /// failed filter removal).
+    fn accepts_child(&self, role: &Role) -> bool {
+        *role == Role::File
+    }
 }

@@ -803,6 +803,11 @@ impl JobContext {
         self.job.inner.state.lock().ready
     }
 
+    /// The current speed limit in bytes/s (0 = unlimited).
+    pub fn speed(&self) -> u64 {
+        self.job.inner.state.lock().speed
+    }
+
     /// Set the total length of the work.
     pub fn set_len(&self, len: u64) {
         self.job.inner.len.store(len, Ordering::Relaxed);

@@ -11,6 +11,7 @@ pub mod backup;
 pub mod cbw;
 pub mod copy;
 pub mod error;
+mod graph_util;
 pub mod job;
 pub mod mirror;
 pub mod ratelimit;

@@ -207,6 +207,12 @@ impl Driver for MirrorTop {
     fn is_filter(&self) -> bool {
         true
     }
+
+    /// The filtered child may be re-attached at run time (rollback of a
+    /// failed filter removal).
+    fn accepts_child(&self, role: &Role) -> bool {
+        *role == Role::File
+    }
 }
 
 /// What a mirror copies at first (QEMU's `MirrorSyncMode`).
@@ -459,6 +465,13 @@ fn start_engine(
     Ok(MirrorJob { job, dirty })
 }
 
+/// Dirty bytes at or below which the job counts as converged (ready).
+const CONVERGED_BYTES: u64 = 1 << 20;
+
+/// Passes without a new minimum of dirty chunks after which the job counts
+/// as converged.
+const STALL_PASSES: u32 = 16;
+
 /// Largest run copied by one request, in bytes.
 const MAX_RUN_BYTES: u64 = 1 << 20;
 
@@ -508,32 +521,41 @@ impl MirrorDriver {
 
     /// Copy the given chunk runs in parallel; failed runs are dirty again.
     /// Returns the first failure.
+    /// With `parallel == false` everything runs on this thread (inside a
+    /// drained section only the draining thread's requests pass).
     fn copy_runs(
         &self,
         runs: &[Range<u64>],
+        parallel: bool,
     ) -> std::result::Result<u64, (crate::job::IoOperation, block_graph::Error)> {
         let src = &self.source;
         let dst = &self.target;
-        let results: Vec<_> = std::thread::scope(|s| {
-            let handles: Vec<_> = runs
-                .iter()
-                .skip(1)
-                .map(|r| {
-                    let b = self.dirty.bytes(r);
-                    s.spawn(move || copy_range_op(src, dst, b))
-                })
-                .collect();
-            let mut out = vec![copy_range_op(src, dst, self.dirty.bytes(&runs[0]))];
-            for h in handles {
-                out.push(h.join().unwrap_or_else(|_| {
-                    Err((
-                        crate::job::IoOperation::Write,
-                        GError::new(GKind::Io, "copy thread panicked"),
-                    ))
-                }));
-            }
-            out
-        });
+        let results: Vec<_> = if !parallel {
+            runs.iter()
+                .map(|r| copy_range_op(src, dst, self.dirty.bytes(r)))
+                .collect()
+        } else {
+            std::thread::scope(|s| {
+                let handles: Vec<_> = runs
+                    .iter()
+                    .skip(1)
+                    .map(|r| {
+                        let b = self.dirty.bytes(r);
+                        s.spawn(move || copy_range_op(src, dst, b))
+                    })
+                    .collect();
+                let mut out = vec![copy_range_op(src, dst, self.dirty.bytes(&runs[0]))];
+                for h in handles {
+                    out.push(h.join().unwrap_or_else(|_| {
+                        Err((
+                            crate::job::IoOperation::Write,
+                            GError::new(GKind::Io, "copy thread panicked"),
+                        ))
+                    }));
+                }
+                out
+            })
+        };
         let mut first_err = None;
         let mut bytes = 0;
         for (r, res) in runs.iter().zip(results) {
@@ -556,8 +578,14 @@ impl MirrorDriver {
         }
     }
 
-    fn max_chunks(&self) -> u64 {
-        (MAX_RUN_BYTES / self.dirty.granularity()).max(1)
+    /// Chunks per run: up to 1 MiB, and at most a tenth of a second's worth
+    /// at the speed limit so throttling stays smooth.
+    fn max_chunks(&self, speed: u64) -> u64 {
+        let mut bytes = MAX_RUN_BYTES;
+        if speed > 0 {
+            bytes = bytes.min(speed / 10 / self.max_in_flight as u64);
+        }
+        (bytes / self.dirty.granularity()).max(1)
     }
 }
 
@@ -573,19 +601,43 @@ impl JobDriver for MirrorDriver {
         self.initial_dirty()?;
         let gran = self.dirty.granularity();
         let mut done: u64 = 0;
+        let mut copied_any = false;
+        // the guest may dirty chunks as fast as we copy them: once the dirty
+        // count stops falling for a while, the rest is left to the drained
+        // final copy (bounded by the guest's working set)
+        let mut min_dirty = u64::MAX;
+        let mut stalled = 0u32;
         loop {
             ctx.pause_point();
             if ctx.is_cancelled() {
                 return Ok(());
             }
-            ctx.set_len(done + self.dirty.count() * gran);
-            let runs = self.dirty.take(self.max_in_flight, self.max_chunks());
-            if runs.is_empty() {
+            let dirty = self.dirty.count();
+            ctx.set_len(done + dirty * gran);
+            // Converged: what is left is small enough to copy inside the
+            // final drained section without holding the guest for long.
+            if dirty < min_dirty {
+                min_dirty = dirty;
+                stalled = 0;
+            } else {
+                stalled += 1;
+            }
+            if dirty == 0
+                || (copied_any && (dirty * gran <= CONVERGED_BYTES || stalled >= STALL_PASSES))
+            {
                 ctx.set_ready();
                 if ctx.should_complete() || self.auto_complete || ctx.cancel_requested() {
                     return Ok(());
                 }
-                ctx.sleep(Duration::from_millis(100));
+                if dirty == 0 {
+                    ctx.sleep(Duration::from_millis(100));
+                    continue;
+                }
+            }
+            let runs = self
+                .dirty
+                .take(self.max_in_flight, self.max_chunks(ctx.speed()));
+            if runs.is_empty() {
                 continue;
             }
             let bytes: u64 = runs
@@ -596,9 +648,10 @@ impl JobDriver for MirrorDriver {
                 })
                 .sum();
             ctx.throttle(bytes);
-            match self.copy_runs(&runs) {
+            match self.copy_runs(&runs, true) {
                 Ok(n) => {
                     done += n;
+                    copied_any = true;
                     ctx.set_progress(done);
                 }
                 Err((op, e)) => {
@@ -620,11 +673,13 @@ impl JobDriver for MirrorDriver {
         let _drain = self.graph.drain(&[filter.clone(), self.target.clone()]);
         // guest writes are held now; copy what they left dirty
         loop {
-            let runs = self.dirty.take(self.max_in_flight, self.max_chunks());
+            let runs = self.dirty.take(self.max_in_flight, self.max_chunks(0));
             if runs.is_empty() {
                 break;
             }
-            let n = self.copy_runs(&runs).map_err(|(_, e)| JobError::from(e))?;
+            let n = self
+                .copy_runs(&runs, false)
+                .map_err(|(_, e)| JobError::from(e))?;
             ctx.add_progress(n);
         }
         self.target.flush()?;
@@ -632,14 +687,14 @@ impl JobDriver for MirrorDriver {
             self.graph.replace_node(&filter, &self.target)?;
             self.pivoted = true;
         }
-        self.graph.remove_filter(&filter)?;
+        crate::graph_util::take_out_filter(&self.graph, &filter)?;
         self.filter = None;
         Ok(())
     }
 
     fn abort(&mut self, _ctx: &JobContext) {
         if let Some(f) = self.filter.take() {
-            let _ = self.graph.remove_filter(&f);
+            let _ = crate::graph_util::take_out_filter(&self.graph, &f);
         }
         if self.restore_ro && !self.pivoted {
             let _ = self
@@ -652,7 +707,7 @@ impl JobDriver for MirrorDriver {
     fn clean(&mut self, _ctx: &JobContext) {
         *self.dirty.job.lock() = None;
         if let Some(f) = self.filter.take() {
-            let _ = self.graph.remove_filter(&f);
+            let _ = crate::graph_util::take_out_filter(&self.graph, &f);
         }
     }
 }
@@ -660,7 +715,7 @@ impl JobDriver for MirrorDriver {
 impl Drop for MirrorDriver {
     fn drop(&mut self) {
         if let Some(f) = self.filter.take() {
-            let _ = self.graph.remove_filter(&f);
+            let _ = crate::graph_util::take_out_filter(&self.graph, &f);
         }
     }
 }
