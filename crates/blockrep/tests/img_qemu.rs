@@ -352,6 +352,19 @@ fn check_agrees_on_clean_leaking_and_corrupt_images() {
         d.assert_clean(&qemu);
         assert!(d.identical(&ours, &qemu));
     }
+    // -r leaks cannot repair an image with corruptions: both fail (exit 1)
+    // and leave it as it was.
+    for tool in ["ours", "qemu"] {
+        let f = format!("{tool}-leaks-on-corrupt.qcow2");
+        d.cp("corrupt.qcow2", &f);
+        let o = if tool == "ours" {
+            d.br(&["check", "-r", "leaks", &f])
+        } else {
+            d.qi(&["check", "-r", "leaks", &f])
+        };
+        assert_eq!(o.status.code(), Some(1), "{tool}: {}", text(&o));
+        assert_eq!(d.qi(&["check", &f]).status.code(), Some(2));
+    }
     // A raw image has no checks: exit 63 like qemu-img.
     let o = d.br(&["check", "base.raw"]);
     assert_eq!(o.status.code(), Some(63), "{}", text(&o));
