@@ -6,8 +6,8 @@ use super::chain::{backing_path, is_zero, open_layer, Chain};
 use super::create::{create_image, parse_options};
 use super::size::parse_size;
 use super::{fail1, opt_fmt, Format, FormatName, ImgError, VerbResult};
-use std::path::Path;
 use clap::Args;
+use std::path::Path;
 
 /// Arguments of `convert`.
 #[derive(Debug, Args)]
@@ -112,9 +112,8 @@ fn run_inner(a: &ConvertArgs) -> Result<(), ImgError> {
         let b = o.backing_file.clone().unwrap_or_default();
         let bpath = backing_path(Path::new(output), &b);
         let bdisp = bpath.display().to_string();
-        let layer = open_layer(&bpath, &bdisp, o.backing_fmt, false).map_err(|e| {
-            ImgError::image(format!("{output}: Could not open backing image: {e}"))
-        })?;
+        let layer = open_layer(&bpath, &bdisp, o.backing_fmt, false)
+            .map_err(|e| ImgError::image(format!("{output}: Could not open backing image: {e}")))?;
         o.backing_fmt = Some(layer.format);
     }
     if let (Ok(x), Ok(y)) = (std::fs::canonicalize(input), std::fs::canonicalize(output)) {

@@ -39,11 +39,17 @@ pub struct CreateArgs {
 /// Options parsed from `-o` strings.
 #[derive(Debug, Default, Clone)]
 pub struct FormatOptions {
+    /// `cluster_size` (qcow2).
     pub cluster_size: Option<u64>,
+    /// `lazy_refcounts=on` (qcow2).
     pub lazy_refcounts: bool,
+    /// `preallocation=off|metadata`.
     pub preallocation: Preallocation,
+    /// `backing_file` (qcow2).
     pub backing_file: Option<String>,
+    /// `backing_fmt` (qcow2).
     pub backing_fmt: Option<Format>,
+    /// `size`.
     pub size: Option<u64>,
 }
 

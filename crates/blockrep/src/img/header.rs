@@ -19,19 +19,33 @@ const EXT_BACKING_FORMAT: u32 = 0xE279_2ACA;
 /// The header fields the tools print or use.
 #[derive(Debug, Clone)]
 pub struct QHeader {
+    /// 2 or 3.
     pub version: u32,
+    /// log2 of the cluster size.
     pub cluster_bits: u32,
+    /// Virtual size in bytes.
     pub size: u64,
+    /// Entries in the L1 table.
     pub l1_size: u32,
+    /// Where the L1 table is.
     pub l1_table_offset: u64,
+    /// Where the refcount table is.
     pub refcount_table_offset: u64,
+    /// Its length in clusters.
     pub refcount_table_clusters: u32,
+    /// Incompatible feature bits (0: dirty, 1: corrupt, 4: extended L2).
     pub incompatible: u64,
+    /// Compatible feature bits (0: lazy refcounts).
     pub compatible: u64,
+    /// log2 of the refcount width in bits.
     pub refcount_order: u32,
+    /// Length of the fixed header (extensions follow).
     pub header_length: u32,
+    /// 0: zlib, 1: zstd.
     pub compression_type: u8,
+    /// Backing file name as stored.
     pub backing_file: Option<String>,
+    /// Backing format from the header extension.
     pub backing_format: Option<String>,
 }
 
