@@ -24,6 +24,7 @@ pub(crate) struct GraphInner {
     pub(crate) lock: ReentrantMutex<()>,
     next_node: AtomicU64,
     next_backend: AtomicU64,
+    subscribers: Mutex<Vec<crossbeam_channel::Sender<GraphEvent>>>,
 }
 
 /// The block graph. Cheap to clone (an `Arc` inside), `Send + Sync`.
@@ -47,6 +48,39 @@ impl std::fmt::Debug for Graph {
             .field("nodes", &self.node_names())
             .finish()
     }
+}
+
+/// Something that happened in the graph, for subscribers ([`Graph::subscribe`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum GraphEvent {
+    /// QEMU's `QUORUM_REPORT_BAD`: a quorum child failed a request or returned
+    /// data that lost the vote.
+    QuorumReportBad {
+        /// The quorum node.
+        node: String,
+        /// The child node.
+        child: String,
+        /// Request offset.
+        offset: u64,
+        /// Request length.
+        len: u64,
+        /// The child's error; None for a data mismatch.
+        error: Option<String>,
+    },
+    /// QEMU's `QUORUM_FAILURE`: not enough children agreed or succeeded.
+    QuorumFailure {
+        /// The quorum node.
+        node: String,
+        /// Request offset.
+        offset: u64,
+        /// Request length.
+        len: u64,
+    },
+    /// A node was removed from the graph.
+    NodeRemoved {
+        /// Its name.
+        node: String,
+    },
 }
 
 /// How a child option was given.
@@ -238,6 +272,7 @@ impl Graph {
                 lock: ReentrantMutex::new(()),
                 next_node: AtomicU64::new(1),
                 next_backend: AtomicU64::new(1),
+                subscribers: Mutex::new(Vec::new()),
             }),
         };
         crate::drivers::register_builtin(&g);
@@ -457,6 +492,9 @@ impl Graph {
         let edges: Vec<ChildEdge> = node.children.write().drain(..).collect();
         node.mark_removed();
         node.close_once();
+        self.emit(GraphEvent::NodeRemoved {
+            node: node.name().to_string(),
+        });
         for e in edges {
             e.node
                 .parents
@@ -914,6 +952,26 @@ impl Graph {
     /// True if a backend is attached to `node`.
     pub fn has_backend(&self, node: &NodeRef) -> bool {
         node.has_backend()
+    }
+
+    // ------------------------------------------------------------ events
+
+    /// A new receiver of every [`GraphEvent`] emitted from now on (QMP events
+    /// such as `QUORUM_REPORT_BAD` are built from these). Dropping the receiver
+    /// unsubscribes.
+    pub fn subscribe(&self) -> crossbeam_channel::Receiver<GraphEvent> {
+        let (tx, rx) = crossbeam_channel::unbounded();
+        self.inner.subscribers.lock().push(tx);
+        rx
+    }
+
+    /// Sends `ev` to every subscriber (drivers call this, e.g. through
+    /// `node.graph()`).
+    pub fn emit(&self, ev: GraphEvent) {
+        self.inner
+            .subscribers
+            .lock()
+            .retain(|tx| tx.send(ev.clone()).is_ok());
     }
 }
 

@@ -321,3 +321,58 @@ fn delays_and_holds() {
     th.join().unwrap();
     assert_eq!(n.in_flight(), 0);
 }
+
+#[test]
+fn quorum_events_reach_subscribers() {
+    let g = Graph::new();
+    let rx = g.subscribe();
+    for n in ["c0", "c1"] {
+        g.add_node(&json!({"driver": "memory", "node-name": n, "size": 4096}))
+            .unwrap();
+    }
+    let q = quorum(&g, "q", 1, "quorum", json!(["c0", "c1"]));
+    w(&q, 0, b"ab").unwrap();
+    w(&g.node("c1").unwrap(), 0, b"XY").unwrap();
+    assert_eq!(r(&q, 0, 2), b"ab", "tie: the first child's version wins");
+    let ev = rx.try_recv().unwrap();
+    assert_eq!(
+        ev,
+        GraphEvent::QuorumReportBad {
+            node: "q".into(),
+            child: "c1".into(),
+            offset: 0,
+            len: 2,
+            error: None
+        }
+    );
+    assert!(rx.try_recv().is_err());
+    let q2 = quorum(
+        &g,
+        "q2",
+        2,
+        "quorum",
+        json!([{"driver": "memory", "node-name": "d0", "size": 4096},
+        {"driver": "memory", "node-name": "d1", "size": 4096}]),
+    );
+    w(&g.node("d1").unwrap(), 0, b"Z").unwrap();
+    let mut b = [0u8; 1];
+    assert!(q2.read(0, &mut b).is_err());
+    assert_eq!(
+        rx.try_recv().unwrap(),
+        GraphEvent::QuorumFailure {
+            node: "q2".into(),
+            offset: 0,
+            len: 1
+        }
+    );
+    g.remove_node("q2").unwrap();
+    let removed: Vec<GraphEvent> = rx.try_iter().collect();
+    assert!(
+        removed.contains(&GraphEvent::NodeRemoved { node: "q2".into() }),
+        "{removed:?}"
+    );
+    assert!(
+        removed.contains(&GraphEvent::NodeRemoved { node: "d0".into() }),
+        "{removed:?}"
+    );
+}

@@ -17,7 +17,7 @@
 
 use crate::driver::{Driver, Role, WriteFlags, ZeroFlags};
 use crate::error::{Error, ErrorKind, Result};
-use crate::graph::OpenContext;
+use crate::graph::{GraphEvent, OpenContext};
 use crate::node::{Node, NodeRef};
 use parking_lot::Mutex;
 
@@ -126,23 +126,41 @@ impl Quorum {
 
     fn report(
         &self,
+        node: &Node,
         kind: QuorumReportKind,
         child: Option<&str>,
         offset: u64,
         len: u64,
         err: Option<&Error>,
     ) {
-        let mut r = self.reports.lock();
-        if r.len() >= 1024 {
-            r.remove(0);
-        }
-        r.push(QuorumReport {
+        let rep = QuorumReport {
             kind,
             child: child.map(str::to_string),
             offset,
             len,
             error: err.map(|e| e.to_string()),
-        });
+        };
+        if let Some(g) = node.graph() {
+            g.emit(match kind {
+                QuorumReportKind::Failure => GraphEvent::QuorumFailure {
+                    node: node.name().to_string(),
+                    offset,
+                    len,
+                },
+                _ => GraphEvent::QuorumReportBad {
+                    node: node.name().to_string(),
+                    child: rep.child.clone().unwrap_or_default(),
+                    offset,
+                    len,
+                    error: rep.error.clone(),
+                },
+            });
+        }
+        let mut r = self.reports.lock();
+        if r.len() >= 1024 {
+            r.remove(0);
+        }
+        r.push(rep);
     }
 
     /// Runs `op` on every child in order; succeeds if at least threshold do.
@@ -166,6 +184,7 @@ impl Quorum {
         if ok >= self.threshold {
             for (name, e) in &errors {
                 self.report(
+                    node,
                     QuorumReportKind::ChildError,
                     Some(name),
                     offset,
@@ -190,7 +209,14 @@ impl Quorum {
             ),
         )
         .with_node(node.name());
-        self.report(QuorumReportKind::Failure, None, offset, len, Some(&err));
+        self.report(
+            node,
+            QuorumReportKind::Failure,
+            None,
+            offset,
+            len,
+            Some(&err),
+        );
         Err(err)
     }
 }
@@ -216,6 +242,7 @@ impl Driver for Quorum {
                     Ok(()) => return Ok(()),
                     Err(e) => {
                         self.report(
+                            node,
                             QuorumReportKind::ChildError,
                             Some(k.name()),
                             offset,
@@ -247,6 +274,7 @@ impl Driver for Quorum {
                 Err(e) => {
                     errors += 1;
                     self.report(
+                        node,
                         QuorumReportKind::ChildError,
                         Some(k.name()),
                         offset,
@@ -270,6 +298,7 @@ impl Driver for Quorum {
                     }
                     for &i in others {
                         self.report(
+                            node,
                             QuorumReportKind::Mismatch,
                             Some(kids[i].name()),
                             offset,
@@ -302,7 +331,14 @@ impl Driver for Quorum {
                     ),
                 )
                 .with_node(node.name());
-                self.report(QuorumReportKind::Failure, None, offset, len, Some(&err));
+                self.report(
+                    node,
+                    QuorumReportKind::Failure,
+                    None,
+                    offset,
+                    len,
+                    Some(&err),
+                );
                 Err(err)
             }
         }
