@@ -376,3 +376,29 @@ fn quorum_events_reach_subscribers() {
         "{removed:?}"
     );
 }
+
+#[test]
+fn parallel_quorum_writes_survive_a_failing_child_and_a_drain() {
+    let g = Graph::new();
+    dbg(&g, "bad", json!([{"event": "x-any", "errno": 28}]));
+    let good = g
+        .add_node(&json!({"driver": "blkdebug", "node-name": "slow", "x-delays": [{"iotype": "write", "us": 30000}],
+            "image": {"driver": "memory", "node-name": "good", "size": 1 << 20}}))
+        .unwrap();
+    let q = g
+        .add_node(&json!({"driver": "quorum", "node-name": "q", "vote-threshold": 1, "read-pattern": "fifo",
+            "x-parallel-writes": true, "children": ["bad", "slow"]}))
+        .unwrap();
+    let q2 = q.clone();
+    let t = std::thread::spawn(move || w(&q2, 0, b"parallel"));
+    std::thread::sleep(Duration::from_millis(5));
+    // Draining a child waits for the quorum's in-flight write, whose child
+    // requests run on helper threads.
+    let d = g.drain(std::slice::from_ref(&good));
+    assert_eq!(q.in_flight(), 0);
+    drop(d);
+    t.join().unwrap().unwrap();
+    assert_eq!(r(&g.node("good").unwrap(), 0, 8), b"parallel");
+    let e = g.node("bad").unwrap();
+    assert_eq!(e.stats().write.errors, 1);
+}

@@ -12,6 +12,7 @@ fn run_round(round: u64) {
     let q = g
         .add_node(&json!({
             "driver": "quorum", "node-name": "q", "vote-threshold": 2,
+            "x-parallel-writes": round % 2 == 1,
             "children": [
                 {"driver": "blkdebug", "x-delays": [{"iotype": ["write", "write-zeroes", "discard"], "us": 150, "random": true}],
                  "x-seed": round * 2 + 1,

@@ -13,12 +13,16 @@
 //! Options: `children` (list of definitions or node names), `vote-threshold`
 //! (required, 1..=N), `read-pattern` (`quorum` default, `fifo`),
 //! `rewrite-corrupted` (bool, `quorum` pattern only: write the winning version
-//! back to children that differed), `blkverify` (only false).
+//! back to children that differed), `blkverify` (only false), and our
+//! `x-parallel-writes` (bool, default false): write to all children at once from
+//! scoped helper threads instead of one after another (hides a slow child's
+//! latency, e.g. NBD; the one-order guarantee holds either way because
+//! overlapping writes are serialised in the quorum node).
 
 use crate::driver::{Driver, Role, WriteFlags, ZeroFlags};
 use crate::error::{Error, ErrorKind, Result};
 use crate::graph::{GraphEvent, OpenContext};
-use crate::node::{Node, NodeRef};
+use crate::node::{NestedScope, Node, NodeRef};
 use parking_lot::Mutex;
 
 /// What a [`QuorumReport`] is about.
@@ -52,6 +56,7 @@ pub struct Quorum {
     threshold: usize,
     fifo: bool,
     rewrite: bool,
+    parallel: bool,
     reports: Mutex<Vec<QuorumReport>>,
 }
 
@@ -82,6 +87,7 @@ impl Quorum {
         }
         let fifo = o.take_enum("read-pattern", &["quorum", "fifo"])?.as_deref() == Some("fifo");
         let rewrite = o.take_bool("rewrite-corrupted")?.unwrap_or(false);
+        let parallel = o.take_bool("x-parallel-writes")?.unwrap_or(false);
         if rewrite && fifo {
             return Err(Error::invalid(
                 "driver 'quorum': 'rewrite-corrupted' needs read-pattern 'quorum'",
@@ -105,6 +111,7 @@ impl Quorum {
             threshold: threshold as usize,
             fifo,
             rewrite,
+            parallel,
             reports: Mutex::new(Vec::new()),
         }))
     }
@@ -170,13 +177,37 @@ impl Quorum {
         what: &str,
         offset: u64,
         len: u64,
-        op: impl Fn(&NodeRef) -> Result<()>,
+        op: impl Fn(&NodeRef) -> Result<()> + Sync,
     ) -> Result<()> {
         let kids = kids(node);
+        let results: Vec<Result<()>> = if self.parallel && kids.len() > 1 {
+            std::thread::scope(|s| {
+                let op = &op;
+                let hs: Vec<_> = kids
+                    .iter()
+                    .map(|k| {
+                        s.spawn(move || {
+                            // Part of the quorum request already admitted.
+                            let _n = NestedScope::enter();
+                            op(k)
+                        })
+                    })
+                    .collect();
+                hs.into_iter()
+                    .map(|h| {
+                        h.join().unwrap_or_else(|_| {
+                            Err(Error::new(ErrorKind::Io, "quorum child request panicked"))
+                        })
+                    })
+                    .collect()
+            })
+        } else {
+            kids.iter().map(|k| op(k)).collect()
+        };
         let mut ok = 0;
         let mut errors: Vec<(String, Error)> = Vec::new();
-        for k in &kids {
-            match op(k) {
+        for (k, r) in kids.iter().zip(results) {
+            match r {
                 Ok(()) => ok += 1,
                 Err(e) => errors.push((k.name().to_string(), e)),
             }
