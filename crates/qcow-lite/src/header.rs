@@ -330,9 +330,14 @@ pub(crate) fn build_header(
     feature_entry(&mut ft, 1, 0, "lazy refcounts");
     feature_entry(&mut ft, 2, 0, "bitmaps");
     feature_entry(&mut ft, 2, 1, "raw external data");
-    b.extend_from_slice(&EXT_FEATURE_TABLE.to_be_bytes());
-    b.extend_from_slice(&(ft.len() as u32).to_be_bytes());
-    b.extend_from_slice(&ft);
+    // The feature-name table is optional: like QEMU, leave it out when it
+    // would not fit in cluster 0 with the rest.
+    let name_len = backing.map_or(0, |(n, _)| n.len());
+    if b.len() + 8 + ft.len() + 8 + name_len <= 1usize << cluster_bits {
+        b.extend_from_slice(&EXT_FEATURE_TABLE.to_be_bytes());
+        b.extend_from_slice(&(ft.len() as u32).to_be_bytes());
+        b.extend_from_slice(&ft);
+    }
     b.extend_from_slice(&[0u8; 8]);
     if let Some((name, _)) = backing {
         let off = b.len() as u64;

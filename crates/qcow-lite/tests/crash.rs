@@ -10,7 +10,7 @@
 mod common;
 
 use common::*;
-use qcow_lite::{CrashStorage, CreateOptions, MemStorage, Qcow2, Rng};
+use qcow_lite::{BackingRead, CrashStorage, CreateOptions, MemStorage, Qcow2, RawBacking, Rng};
 use std::sync::Arc;
 
 /// Per byte: the value at the last completed flush and the values written since.
@@ -19,18 +19,22 @@ struct Model {
     durable: Vec<u8>,
     since_flush: Vec<Vec<u8>>,
     touched: Vec<usize>,
-    /// A make_empty ran since the last flush: zeros are possible anywhere.
+    /// A make_empty ran since the last flush: the backing's bytes (zeros
+    /// without one) are possible anywhere.
     emptied: bool,
+    base: Vec<u8>,
 }
 
 impl Model {
-    fn new(size: usize) -> Self {
+    fn new(base: Vec<u8>) -> Self {
+        let size = base.len();
         Model {
-            cur: vec![0; size],
-            durable: vec![0; size],
+            cur: base.clone(),
+            durable: base.clone(),
             since_flush: vec![Vec::new(); size],
             touched: Vec::new(),
             emptied: false,
+            base,
         }
     }
     /// Record the current values of `range` as possible after a crash.
@@ -54,7 +58,9 @@ impl Model {
         self.emptied = false;
     }
     fn allowed(&self, i: usize, v: u8) -> bool {
-        v == self.durable[i] || (self.emptied && v == 0) || self.since_flush[i].contains(&v)
+        v == self.durable[i]
+            || (self.emptied && v == self.base[i])
+            || self.since_flush[i].contains(&v)
     }
 }
 
@@ -72,6 +78,19 @@ fn run_schedule(seed: u64, qemu_check: bool) {
     let cs = [512u64, 1024, 4096][rng.below(3) as usize];
     let size = cs * (32 + rng.below(96));
     let lazy = rng.below(2) == 0;
+    // Half of the schedules run over a raw backing file (copy-on-write from it).
+    let with_backing = rng.below(2) == 0;
+    let base: Vec<u8> = if with_backing {
+        (0..size).map(|i| (i / 512) as u8 | 0x80).collect()
+    } else {
+        vec![0; size as usize]
+    };
+    let backing_store = RawBacking(MemStorage::from_vec(base.clone()));
+    let backing: Option<&dyn BackingRead> = if with_backing {
+        Some(&backing_store)
+    } else {
+        None
+    };
     let st = Arc::new(CrashStorage::new(Vec::new()));
     let img = Qcow2::create(
         st.clone(),
@@ -79,23 +98,25 @@ fn run_schedule(seed: u64, qemu_check: bool) {
             size,
             cluster_size: cs,
             lazy_refcounts: lazy,
+            backing_file: with_backing.then(|| "base.raw".to_string()),
+            backing_format: with_backing.then(|| "raw".to_string()),
             ..Default::default()
         },
     )
     .unwrap();
-    let mut model = Model::new(size as usize);
+    let mut model = Model::new(base.clone());
     st.fail_after(Some(rng.below(300)));
     let nops = 5 + rng.below(40);
     for _ in 0..nops {
         let r = if rng.below(25) == 0 {
-            model.cur.fill(0);
+            model.cur.copy_from_slice(&model.base);
             model.emptied = true;
             img.make_empty()
         } else {
             let op = random_op(&mut rng, size, cs);
             model_apply(&mut model.cur, &op, cs);
             model.record(op_range(&op));
-            let r = image_apply(&img, &op, None);
+            let r = image_apply(&img, &op, backing);
             if r.is_ok() && matches!(op, Op::Flush) {
                 model.flushed();
             }
@@ -112,10 +133,10 @@ fn run_schedule(seed: u64, qemu_check: bool) {
     } else {
         st.crash(None)
     };
-    let ctx = format!("seed {seed} cs {cs} size {size} lazy {lazy}");
+    let ctx = format!("seed {seed} cs {cs} size {size} lazy {lazy} backing {with_backing}");
     let mem = Arc::new(MemStorage::from_vec(bytes));
     let img = Qcow2::open(mem.clone(), false).unwrap_or_else(|e| panic!("{ctx}: reopen: {e}"));
-    let got = read_all(&img, None);
+    let got = read_all(&img, backing);
     for (i, &v) in got.iter().enumerate() {
         if !model.allowed(i, v) {
             panic!(
@@ -135,6 +156,7 @@ fn run_schedule(seed: u64, qemu_check: bool) {
         let dir = tempfile::tempdir().unwrap();
         let p = dir.path().join("c.qcow2");
         std::fs::write(&p, mem.to_vec()).unwrap();
+        std::fs::write(dir.path().join("base.raw"), &base).unwrap();
         assert_qemu_check_clean(&p);
     }
 }
