@@ -202,7 +202,7 @@ impl Quorum {
                     .collect()
             })
         } else {
-            kids.iter().map(|k| op(k)).collect()
+            kids.iter().map(op).collect()
         };
         let mut ok = 0;
         let mut errors: Vec<(String, Error)> = Vec::new();
