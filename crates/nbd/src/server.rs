@@ -544,8 +544,7 @@ impl Inner {
         reader: R,
         mut writer: W,
     ) -> Result<()> {
-        // Small enough that 64 KiB payloads bypass it (read straight into their buffer).
-        let mut reader = BufReader::with_capacity(16 * 1024, reader);
+        let mut reader = BufReader::with_capacity(128 * 1024, reader);
         let Some(session) = self.handshake(conn, &mut reader, &mut writer)? else {
             return Ok(());
         };
