@@ -1059,7 +1059,7 @@ impl JobManager {
     }
 }
 
-fn spawn(job: Job, mut driver: Box<dyn JobDriver>) -> Result<()> {
+fn spawn(job: Job, driver: Box<dyn JobDriver>) -> Result<()> {
     let name = format!("job-{}", job.id().unwrap_or(job.job_type().as_str()));
     let ctx = JobContext {
         limit: Mutex::new(RateLimit::new(job.inner.opts.speed)),
@@ -1068,7 +1068,7 @@ fn spawn(job: Job, mut driver: Box<dyn JobDriver>) -> Result<()> {
     let j2 = job.clone();
     std::thread::Builder::new()
         .name(name)
-        .spawn(move || run_job(ctx, driver.as_mut()))
+        .spawn(move || run_job(ctx, driver))
         .map(|_| ())
         .map_err(|e| {
             if let Some(m) = j2.inner.manager.upgrade() {
@@ -1078,7 +1078,7 @@ fn spawn(job: Job, mut driver: Box<dyn JobDriver>) -> Result<()> {
         })
 }
 
-fn run_job(ctx: JobContext, driver: &mut dyn JobDriver) {
+fn run_job(ctx: JobContext, mut driver: Box<dyn JobDriver>) {
     let job = ctx.job.clone();
     {
         let mut st = job.inner.state.lock();
@@ -1112,6 +1112,9 @@ fn run_job(ctx: JobContext, driver: &mut dyn JobDriver) {
         driver.abort(&ctx);
     }
     driver.clean(&ctx);
+    // release everything the job holds (blockers, nodes) before anyone can
+    // see it concluded
+    drop(driver);
     let mut st = job.inner.state.lock();
     if let JobOutcome::Failed(e) = &outcome {
         st.error_msg = Some(e.full_message());
@@ -1126,13 +1129,16 @@ fn run_job(ctx: JobContext, driver: &mut dyn JobDriver) {
         }),
     }
     job.transition_locked(&mut st, JobStatus::Concluded);
-    st.outcome = Some(outcome);
-    job.inner.cond.notify_all();
     if job.inner.opts.auto_dismiss {
         job.transition_locked(&mut st, JobStatus::Null);
+        // leave the registry before waiters see the outcome (lock order:
+        // registry before job state, so not while holding the state)
         drop(st);
         if let Some(m) = job.inner.manager.upgrade() {
             m.remove(&job);
         }
+        st = job.inner.state.lock();
     }
+    st.outcome = Some(outcome);
+    job.inner.cond.notify_all();
 }

@@ -9,6 +9,7 @@
 
 pub mod backup;
 pub mod cbw;
+pub mod commit;
 pub mod copy;
 pub mod error;
 mod graph_util;
@@ -18,6 +19,7 @@ pub mod ratelimit;
 
 pub use backup::{register_drivers, BackupJob, BackupOptions, BackupSync};
 pub use cbw::{CopyBeforeWrite, CBW_DRIVER};
+pub use commit::{CommitJob, CommitOptions, StreamJob};
 pub use copy::{CopyTracker, ReadGuard};
 pub use error::{ErrorKind, JobError, Result};
 pub use job::{
