@@ -106,6 +106,9 @@ impl MemoryDriver {
     }
 
     fn write_inner(&self, node: &Node, offset: u64, buf: &[u8]) -> Result<()> {
+        if buf.is_empty() {
+            return Ok(());
+        }
         let cs = self.cs;
         let end = offset + buf.len() as u64;
         loop {
