@@ -21,6 +21,41 @@
 //! live: in a child at an offset, zero, or unallocated so ask the backing) and
 //! implement `write`; the default [`Driver::read`] then reads through the mapping
 //! with [`read_via_mapping`] and walks the backing chain.
+//!
+//! ```
+//! use block_graph::{Driver, Graph, Node, OpenContext, Result, Role, WriteFlags};
+//! use serde_json::json;
+//!
+//! /// A filter counting the writes that pass through it.
+//! struct Counter(std::sync::atomic::AtomicU64);
+//!
+//! impl Driver for Counter {
+//!     fn format_name(&self) -> &str { "counter" }
+//!     fn length(&self, node: &Node) -> Result<u64> { Ok(node.file().map_or(0, |f| f.len())) }
+//!     fn read(&self, node: &Node, off: u64, buf: &mut [u8]) -> Result<()> {
+//!         node.file().expect("opened with a file child").read(off, buf)
+//!     }
+//!     fn write(&self, node: &Node, off: u64, buf: &[u8], f: WriteFlags) -> Result<()> {
+//!         self.0.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+//!         node.file().expect("opened with a file child").write(off, buf, f)
+//!     }
+//!     fn is_filter(&self) -> bool { true }
+//! }
+//!
+//! let g = Graph::new();
+//! g.register_driver("counter", |ctx: &mut OpenContext<'_>| {
+//!     ctx.open_child("file", Role::File, true)?;
+//!     Ok(Box::new(Counter(Default::default())))
+//! });
+//! let disk = g.add_node(&json!({"driver": "memory", "node-name": "disk", "size": 4096})).unwrap();
+//! let guest = g.new_backend(&disk, block_graph::PermPair::READ_WRITE).unwrap();
+//! // Put the filter above the disk: the backend now writes through it.
+//! let f = g.add_node(&json!({"driver": "counter", "node-name": "cnt", "file": "disk"})).unwrap();
+//! g.insert_filter_above(&disk, &f).unwrap();
+//! guest.write(0, b"hi", WriteFlags::default()).unwrap();
+//! assert_eq!(f.driver_as::<Counter>().unwrap().0.load(std::sync::atomic::Ordering::Relaxed), 1);
+//! g.remove_filter(&f).unwrap();
+//! ```
 
 use crate::error::{Error, ErrorKind, Result};
 use crate::node::Node;

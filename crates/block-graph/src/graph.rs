@@ -516,7 +516,10 @@ impl Graph {
     /// the draining thread itself, pass. Sections nest.
     ///
     /// Do not call from inside a request on one of these nodes (it would wait
-    /// for itself).
+    /// for itself). Graph changes (`attach_child`, `replace_node`, filters,
+    /// `reopen`, `remove_node`) drain by themselves; call `drain` yourself to
+    /// group several steps (e.g. copy the last data, then `replace_node`) in one
+    /// section: sections nest and the draining thread's own requests pass.
     pub fn drain(&self, nodes: &[NodeRef]) -> DrainGuard {
         let owner = std::thread::current().id();
         let (set, backends) = {

@@ -603,7 +603,9 @@ impl Node {
     /// then makes overlapping requests from *other* threads wait until dropped.
     /// Requests from the thread that created the guard pass through (so a job can
     /// read the old data and write it elsewhere before letting a guest write in).
-    /// Not counted as in flight: drained sections do not wait for guards.
+    /// Not counted as in flight: drained sections do not wait for guards. Do
+    /// not hold a guard while waiting for something that itself waits for the
+    /// range (a drain owner's `make_empty` on this node, for example).
     pub fn serialise(self: &Arc<Self>, offset: u64, len: u64) -> SerialGuard {
         let me = std::thread::current().id();
         let end = offset.saturating_add(len);
