@@ -358,12 +358,12 @@ pub fn not_supported(node: &Node, what: &str) -> Error {
 
 /// The default permissions on a child, after QEMU's defaults:
 /// * [`Role::Backing`]: takes consistent read, shares everything;
-/// * filters' children: take consistent read, share everything; the graph adds
-///   what the filter's own users take on its filtered child (filters pass their
-///   users' permissions through, so inserting one above a node never conflicts
-///   with the parents it takes over);
-/// * [`Role::Named`] children: take read (+ write and resize when writable),
-///   share everything;
+/// * [`Role::Named`] children (e.g. a copy-before-write `target`): take read
+///   (+ write and resize when writable), share everything;
+/// * other children of filters (the filtered `file`): take consistent read,
+///   share everything; the graph adds what the filter's own users take on its
+///   filtered child (filters pass their users' permissions through, so
+///   inserting one above a node never conflicts with the parents it takes over);
 /// * data children (`file`, `children.N`) of non-filters: take read (+ write and
 ///   resize when writable), share consistent read, write-unchanged and graph-mod,
 ///   and also write and resize when read-only.
@@ -378,12 +378,12 @@ pub fn default_child_perms(is_filter: bool, role: &Role, read_only: bool) -> Per
             perm: Perms::CONSISTENT_READ,
             shared: Perms::ALL,
         },
-        _ if is_filter => PermPair {
-            perm: Perms::CONSISTENT_READ,
-            shared: Perms::ALL,
-        },
         Role::Named(_) => PermPair {
             perm: Perms::CONSISTENT_READ | rw,
+            shared: Perms::ALL,
+        },
+        _ if is_filter => PermPair {
+            perm: Perms::CONSISTENT_READ,
             shared: Perms::ALL,
         },
         _ => {
