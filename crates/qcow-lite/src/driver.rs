@@ -292,9 +292,13 @@ impl Driver for Qcow2Driver {
         self.enter(node)?.flush().map_err(|e| conv(e, node.name()))
     }
 
+    /// block-graph's discard must read back as zeros afterwards (partial
+    /// clusters included, and with a backing given only as a node), so it is
+    /// an unmapping zero write here.
     fn discard(&self, node: &Node, offset: u64, len: u64) -> Result<()> {
-        self.enter_rw(node)?
-            .discard(offset, len)
+        let img = self.enter_rw(node)?;
+        let b = backing_of(node);
+        img.write_zeroes(offset, len, true, b.as_ref().map(|b| b as &dyn BackingRead))
             .map_err(|e| conv(e, node.name()))
     }
 
@@ -356,6 +360,17 @@ impl Driver for Qcow2Driver {
 
     fn accepts_child(&self, role: &Role) -> bool {
         *role == Role::Backing
+    }
+
+    fn change_backing_file(
+        &self,
+        node: &Node,
+        backing_file: Option<&str>,
+        backing_fmt: Option<&str>,
+    ) -> Result<()> {
+        self.enter_rw(node)?
+            .set_backing_file(backing_file, backing_fmt)
+            .map_err(|e| conv(e, node.name()))
     }
 
     fn reopen_prepare(&self, node: &Node, opts: &ReopenOpts) -> Result<()> {

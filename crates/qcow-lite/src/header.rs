@@ -267,6 +267,57 @@ impl Header {
         self.raw[off..off + 4].copy_from_slice(&v.to_be_bytes());
     }
 
+    /// The header area with a new backing file name and format (or none),
+    /// keeping every other extension. Fails when it does not fit in cluster 0.
+    pub fn with_backing(&self, name: Option<&str>, fmt: Option<&str>) -> Result<Vec<u8>> {
+        let hl = self.header_length as usize;
+        let mut exts: Vec<(u32, Vec<u8>)> = Vec::new();
+        let mut pos = hl;
+        while pos + 8 <= self.raw.len() {
+            let ty = be32(&self.raw, pos);
+            let len = be32(&self.raw, pos + 4) as usize;
+            if ty == EXT_END || pos + 8 + len > self.raw.len() {
+                break;
+            }
+            if ty != EXT_BACKING_FORMAT {
+                exts.push((ty, self.raw[pos + 8..pos + 8 + len].to_vec()));
+            }
+            pos += 8 + len.div_ceil(8) * 8;
+        }
+        if let (Some(_), Some(f)) = (name, fmt) {
+            exts.insert(0, (EXT_BACKING_FORMAT, f.as_bytes().to_vec()));
+        }
+        let mut b = self.raw[..hl].to_vec();
+        for (ty, data) in exts {
+            b.extend_from_slice(&ty.to_be_bytes());
+            b.extend_from_slice(&(data.len() as u32).to_be_bytes());
+            b.extend_from_slice(&data);
+            while b.len() % 8 != 0 {
+                b.push(0);
+            }
+        }
+        b.extend_from_slice(&[0u8; 8]);
+        let (off, size) = match name {
+            Some(n) => {
+                if n.is_empty() || n.len() > 1023 {
+                    return Err(invalid("backing file name must have 1..=1023 bytes"));
+                }
+                let off = b.len() as u64;
+                b.extend_from_slice(n.as_bytes());
+                (off, n.len() as u32)
+            }
+            None => (0, 0),
+        };
+        b[8..16].copy_from_slice(&off.to_be_bytes());
+        b[16..20].copy_from_slice(&size.to_be_bytes());
+        if b.len() as u64 > self.cluster_size() {
+            return Err(invalid(
+                "header extensions and backing name do not fit in cluster 0",
+            ));
+        }
+        Ok(b)
+    }
+
     /// Copy the parsed fields we may change into the raw bytes.
     pub fn sync_raw(&mut self) {
         self.put64(OFF_SIZE, self.size);

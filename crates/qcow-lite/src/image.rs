@@ -1397,6 +1397,37 @@ impl<S: Storage> Qcow2<S> {
         Ok(())
     }
 
+    /// Record a new backing file name and format in the header (or none),
+    /// e.g. after a commit or stream job changed the chain.
+    pub fn set_backing_file(&self, name: Option<&str>, format: Option<&str>) -> Result<()> {
+        self.check_writable()?;
+        let mut m = self.meta.lock();
+        self.flush_locked(&mut m, false)?;
+        m.h.sync_raw();
+        let new =
+            m.h.with_backing(name, format)
+                .map_err(|e| Error::new(ErrorKind::InvalidArgument, e.context().to_string()))?;
+        let mut parsed = Header::parse(&{
+            let mut b = new.clone();
+            b.resize(self.cs() as usize, 0);
+            b
+        })?;
+        let old_len = m.h.raw.len();
+        let mut out = new;
+        parsed.raw = out.clone();
+        if out.len() < old_len {
+            out.resize(old_len, 0);
+        }
+        self.swrite(&mut m, &out, 0, "header write")?;
+        self.sflush()?;
+        m.h.backing_file = parsed.backing_file;
+        m.h.backing_format = parsed.backing_format;
+        m.h.backing_file_offset = parsed.backing_file_offset;
+        m.h.backing_file_size = parsed.backing_file_size;
+        m.h.raw = parsed.raw;
+        Ok(())
+    }
+
     /// Grow the virtual size to `new_size` (shrinking is refused).
     pub fn grow(&self, new_size: u64) -> Result<()> {
         self.check_writable()?;

@@ -125,6 +125,11 @@ fn backing_given_as_node_of_any_driver() {
     let mut want = vec![7u8; 100];
     want[90..100].fill(9);
     assert_eq!(b, want);
+    // Discard reads back as zeros even with a backing given only as a node.
+    n.discard(8192, 4096 + 100).unwrap();
+    let mut z = vec![1u8; 4196];
+    n.read(8192, &mut z).unwrap();
+    assert_eq!(z, vec![0u8; 4196]);
     // Read-only and back: writes refused, then allowed again.
     g.reopen(&[(n.clone(), ReopenOpts { read_only: true })])
         .unwrap();

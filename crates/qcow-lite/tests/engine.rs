@@ -310,3 +310,36 @@ fn read_only_image_refuses_writes() {
         qcow_lite::ErrorKind::OutOfRange
     );
 }
+
+#[test]
+fn set_backing_file_rewrites_the_header_for_qemu() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = dir.path().join("s.qcow2");
+    std::fs::write(dir.path().join("new-base.raw"), vec![9u8; 1 << 20]).unwrap();
+    let img = Qcow2::create(
+        file(&p),
+        &CreateOptions {
+            size: 1 << 20,
+            backing_file: Some("old.raw".into()),
+            backing_format: Some("raw".into()),
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    img.set_backing_file(Some("new-base.raw"), Some("raw"))
+        .unwrap();
+    assert_eq!(img.backing_file().as_deref(), Some("new-base.raw"));
+    img.close().unwrap();
+    drop(img);
+    let (c, out, err) = qemu_img(&["info", "--output=json", p.to_str().unwrap()]);
+    assert_eq!(c, 0, "{err}");
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(v["backing-filename"].as_str(), Some("new-base.raw"));
+    assert_eq!(v["backing-filename-format"].as_str(), Some("raw"));
+    assert_qemu_check_clean(&p);
+    let img = Qcow2::open(file(&p), false).unwrap();
+    img.set_backing_file(None, None).unwrap();
+    drop(img);
+    let (_, out, _) = qemu_img(&["info", "--output=json", p.to_str().unwrap()]);
+    assert!(!out.contains("backing-filename"), "{out}");
+}
