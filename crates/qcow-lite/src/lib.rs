@@ -36,6 +36,25 @@
 //!   close or eviction; the rebuild on open makes them exact again.
 //! * A cluster freed by a discard, zero write or copy-on-write is reused only
 //!   after the metadata that freed it is durable.
+//! * [`Qcow2::make_empty`] clears the L1 entries and flushes once (the freed
+//!   clusters may then be reused); the refcount decrements reach the disk at
+//!   the next flush. It visits only the allocated L2 tables (a roaring bitmap
+//!   of L1 indexes), and truncates the file when more than
+//!   [`MAKE_EMPTY_KEEP_TAIL`] bytes would be cut (smaller tails stay as free
+//!   clusters).
+//!
+//! ## Metadata I/O
+//! L2 tables and refcount blocks sit in bounded write-back caches
+//! ([`OpenOptions`]) read and written with positional I/O. memmap2 was
+//! measured faster for a hot 64 KiB table read (3.05 µs vs 5.0 µs, see the
+//! README) but positional I/O was kept: tables are read only on cache misses,
+//! the block-graph child storage cannot be mapped, and a mapped file that is
+//! truncated turns errors into SIGBUS.
+//!
+//! ## block-graph
+//! [`register`] adds the `qcow2` driver ([`Qcow2Driver`]): a `file` child
+//! holds the image, a `backing` child (any driver) the backing, opened from
+//! the header name resolved against the image's directory when not given.
 //!
 //! ## Layout of the crate
 //! [`Storage`] is where bytes live (a file, memory, a block-graph child, or

@@ -343,3 +343,44 @@ fn set_backing_file_rewrites_the_header_for_qemu() {
     let (_, out, _) = qemu_img(&["info", "--output=json", p.to_str().unwrap()]);
     assert!(!out.contains("backing-filename"), "{out}");
 }
+
+#[test]
+fn unknown_extensions_survive_and_autoclear_bits_are_cleared() {
+    let st = Arc::new(MemStorage::new());
+    let img = Qcow2::create(
+        st.clone(),
+        &CreateOptions {
+            size: 1 << 20,
+            cluster_size: 4096,
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    drop(img);
+    let mut b = st.to_vec();
+    // Insert an unknown extension (type 0x12345678, 8 bytes) first in the list.
+    let mut ext = Vec::new();
+    ext.extend_from_slice(&0x1234_5678u32.to_be_bytes());
+    ext.extend_from_slice(&8u32.to_be_bytes());
+    ext.extend_from_slice(b"UNKNOWN!");
+    let tail: Vec<u8> = b[112..4096 - 16].to_vec();
+    b[112..128].copy_from_slice(&ext);
+    b[128..4096].copy_from_slice(&tail);
+    b[88..96].copy_from_slice(&3u64.to_be_bytes()); // autoclear bits
+    let st = Arc::new(MemStorage::from_vec(b));
+    let img = Qcow2::open(st.clone(), false).unwrap();
+    img.write(0, &[1u8; 10000], None).unwrap();
+    img.grow(4 << 20).unwrap(); // rewrites the header
+    img.close().unwrap();
+    drop(img);
+    let out = st.to_vec();
+    assert_eq!(&out[112..128], &ext[..], "unknown extension kept in place");
+    assert_eq!(
+        u64::from_be_bytes(out[88..96].try_into().unwrap()),
+        0,
+        "autoclear cleared"
+    );
+    let img = Qcow2::open(st, true).unwrap();
+    assert_eq!(img.size(), 4 << 20);
+    assert!(img.check().unwrap().is_clean());
+}
