@@ -3,7 +3,9 @@
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
-use nbd::protocol::{decode_info_request, decode_meta_request, OptionHeader, OptionReplyHeader, Request};
+use nbd::protocol::{
+    decode_info_request, decode_meta_request, OptionHeader, OptionReplyHeader, Request,
+};
 
 fuzz_target!(|data: &[u8]| {
     let _ = decode_info_request(data);

@@ -14,8 +14,12 @@ fn server() -> &'static NbdServer {
             workers_per_connection: 2,
             ..ServerConfig::default()
         });
-        s.add_export("d", Arc::new(MemExport::new(1 << 20)), ExportOptions::default())
-            .expect("add export");
+        s.add_export(
+            "d",
+            Arc::new(MemExport::new(1 << 20)),
+            ExportOptions::default(),
+        )
+        .expect("add export");
         s.add_export(
             "ro",
             Arc::new(MemExport::new(4096)),
