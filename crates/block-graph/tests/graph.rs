@@ -1022,3 +1022,52 @@ fn nested_scope_lets_helper_threads_serve_an_admitted_request() {
     drainer.join().unwrap();
     assert_eq!(r(&disk, 8, 6), b"helper");
 }
+
+#[test]
+fn each_permission_conflict_is_named_and_a_refused_replace_changes_nothing() {
+    let g = Graph::new();
+    let n = mem(&g, "n", 4096);
+    let only = |p: Perms| PermPair {
+        perm: p,
+        shared: Perms::NONE,
+    };
+    for (p, name) in [
+        (Perms::CONSISTENT_READ, "consistent read"),
+        (Perms::WRITE, "write"),
+        (Perms::WRITE_UNCHANGED, "write unchanged"),
+        (Perms::RESIZE, "resize"),
+        (Perms::GRAPH_MOD, "change children"),
+    ] {
+        let first = g.new_backend_named("first", &n, only(p)).unwrap();
+        let e = g
+            .new_backend_named(
+                "second",
+                &n,
+                PermPair {
+                    perm: p,
+                    shared: Perms::ALL,
+                },
+            )
+            .unwrap_err();
+        assert_eq!(e.kind(), ErrorKind::PermissionDenied);
+        let s = e.to_string();
+        assert!(
+            s.contains(&format!("'{name}'")) && s.contains("backend 'first'"),
+            "{s}"
+        );
+        drop(first);
+    }
+    // Replace refused on a conflict: nothing moves.
+    let old = mem(&g, "old", 4096);
+    let new = mem(&g, "new", 4096);
+    g.add_node(&json!({"driver": "raw", "node-name": "fmt", "file": "new"}))
+        .unwrap();
+    let be = g
+        .new_backend_named("guest", &old, PermPair::READ_WRITE)
+        .unwrap();
+    let e = g.replace_node(&old, &new).unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::PermissionDenied);
+    assert!(e.to_string().contains("backend 'guest'"), "{e}");
+    assert!(Arc::ptr_eq(&be.node(), &old));
+    assert!(old.has_backend() && !new.has_backend());
+}
