@@ -259,15 +259,19 @@ fn compare_view(
 ) -> Result<Option<Difference>, DemoError> {
     let size = want.len() as u64;
     let ranges: Vec<(u64, u64)> = match blocks {
-        Some(b) => b
-            .iter()
-            .map(|&b| {
-                (
-                    b * workload::BLOCK,
-                    workload::BLOCK.min(size - b * workload::BLOCK),
-                )
-            })
-            .collect(),
+        Some(blocks) => {
+            // Sorted blocks, merged into runs of up to 1 MiB.
+            let mut runs: Vec<(u64, u64)> = Vec::new();
+            for &b in blocks {
+                let off = b * workload::BLOCK;
+                let len = workload::BLOCK.min(size - off);
+                match runs.last_mut() {
+                    Some((o, l)) if *o + *l == off && *l + len <= 1 << 20 => *l += len,
+                    _ => runs.push((off, len)),
+                }
+            }
+            runs
+        }
         None => (0..size.div_ceil(1 << 20))
             .map(|i| (i << 20, (1u64 << 20).min(size - (i << 20))))
             .collect(),
@@ -320,6 +324,7 @@ struct Demo<'a> {
     checks: u64,
     sec_writes_at_checkpoint: u64,
     failure: Option<Difference>,
+    failure_text: Option<String>,
 }
 
 impl Demo<'_> {
@@ -415,6 +420,7 @@ impl Demo<'_> {
             checks: 0,
             sec_writes_at_checkpoint: 0,
             failure: None,
+            failure_text: None,
         };
         let result = d.main();
         if result.is_err() {
@@ -446,6 +452,7 @@ impl Demo<'_> {
             bytes_written: g.stats.bytes_written.load(Ordering::Relaxed),
             bytes_read: g.stats.bytes_read.load(Ordering::Relaxed),
         };
+        let error = error.or(d.failure_text.clone());
         let passed = d.failure.is_none() && error.is_none();
         let summary = Summary {
             seed: d.seed,
@@ -574,7 +581,7 @@ impl Demo<'_> {
         let mut next = start + interval;
         loop {
             self.reap_workers(false)?;
-            if self.failure.is_some() {
+            if self.failure.is_some() || self.failure_text.is_some() {
                 break;
             }
             let now = Instant::now();
@@ -605,7 +612,7 @@ impl Demo<'_> {
             std::thread::sleep(wake.saturating_duration_since(Instant::now()));
         }
         self.progress.done();
-        if self.failure.is_some() {
+        if self.failure.is_some() || self.failure_text.is_some() {
             self.gate.stop();
             self.reap_workers(true)?;
             return Ok((None, start.elapsed()));
@@ -624,6 +631,7 @@ impl Demo<'_> {
     fn checkpoint(&mut self, resume: bool) -> Result<(), DemoError> {
         let t0 = Instant::now();
         self.gate.pause();
+        let t_parked = Instant::now();
         let epoch = self.sec_side.epoch() + 1;
         let mut touched = self.pg.state.lock().dirty.clone();
         touched.extend_from_slice(&self.sg.state.lock().dirty);
@@ -638,6 +646,7 @@ impl Demo<'_> {
             .load(&mut stream.as_slice())
             .map_err(|source| DemoError::State { epoch, source })?;
         self.shipped += stream.len() as u64;
+        let t_shipped = Instant::now();
         self.pq()?.run("xen-colo-do-checkpoint", json!({}))?;
         let t1 = Instant::now();
         // Figures of the interval that ends (not part of the pause).
@@ -652,10 +661,20 @@ impl Demo<'_> {
             }
         }
         self.forwarded = ps["bytes-forwarded"].as_u64().unwrap_or(self.forwarded);
+        // Guests parked: every byte the primary guest wrote was forwarded.
+        let written = self.pg.stats.bytes_written.load(Ordering::Relaxed);
+        self.checks += 1;
+        if self.forwarded != written && self.failure_text.is_none() {
+            self.failure_text = Some(format!(
+                "checkpoint {epoch}: the primary forwarded {} bytes but its guest wrote {written}",
+                self.forwarded
+            ));
+        }
         self.copied += ss["clusters-copied-since-checkpoint"].as_u64().unwrap_or(0);
         let t2 = Instant::now();
         self.sq()?.run("xen-colo-do-checkpoint", json!({}))?;
-        self.pauses.push((t1 - t0) + t2.elapsed());
+        let t3 = Instant::now();
+        self.pauses.push((t1 - t0) + (t3 - t2));
 
         // Both disks identical, and equal to what the guests must see.
         let want = std::mem::take(&mut self.pg.state.lock().model);
@@ -699,6 +718,20 @@ impl Demo<'_> {
             self.check(c);
         }
         self.sec_writes_at_checkpoint = self.sg.stats.writes.load(Ordering::Relaxed);
+        if std::env::var_os("BLOCKREP_DEMO_TRACE").is_some() {
+            let ms = |a: Instant, b: Instant| (b - a).as_secs_f64() * 1e3;
+            eprintln!(
+                "checkpoint {epoch}: park {:.2} ms, ship {} B {:.2} ms, primary {:.2} ms, \
+                 status {:.2} ms, secondary {:.2} ms, verify {:.2} ms",
+                ms(t0, t_parked),
+                stream.len(),
+                ms(t_parked, t_shipped),
+                ms(t_shipped, t1),
+                ms(t1, t2),
+                ms(t2, t3),
+                ms(t3, Instant::now())
+            );
+        }
         if resume {
             self.gate.resume();
         }
