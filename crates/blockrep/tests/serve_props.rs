@@ -242,6 +242,7 @@ const MALFORMED: &[&str] = &[
 ];
 
 fn action(dir: PathBuf) -> impl Strategy<Value = Action> {
+    let dir2 = dir.clone();
     let args = prop::collection::vec(prop::sample::select(KEYS), 0..7).prop_flat_map(move |keys| {
         let d = dir.clone();
         let strategies: Vec<_> = keys
@@ -256,8 +257,110 @@ fn action(dir: PathBuf) -> impl Strategy<Value = Action> {
     prop_oneof![
         1 => any_json().prop_map(Action::Value),
         1 => prop::sample::select(MALFORMED).prop_map(Action::Malformed),
-        8 => (prop::sample::select(COMMANDS), args).prop_map(|(c, a)| Action::Command(c, a)),
+        5 => (prop::sample::select(COMMANDS), args).prop_map(|(c, a)| Action::Command(c, a)),
+        6 => well_formed(dir2),
     ]
+}
+
+/// Well-formed commands on the test's nodes and jobs (most of them can
+/// succeed in some state of the graph), so the graph keeps changing.
+fn well_formed(dir: PathBuf) -> BoxedStrategy<Action> {
+    let node = || prop::sample::select(&["a", "b", "c", "d", "e", "q", "r"][..]);
+    let job = || prop::sample::select(&["j1", "j2"][..]);
+    let sock = dir.join("nbd.sock");
+    let c = |name: &'static str, v: Value| Action::Command(name, v);
+    prop_oneof![
+        (node(), 1u64..8).prop_map(move |(n, m)| c(
+            "blockdev-add",
+            json!({"driver": "memory", "node-name": n, "size": m << 20})
+        )),
+        (node(), node()).prop_map(move |(n, b)| c(
+            "blockdev-add",
+            json!({"driver": "memory", "node-name": n, "backing": b})
+        )),
+        node().prop_map(move |n| c(
+            "blockdev-add",
+            json!({"driver": "replication", "node-name": n, "mode": "primary",
+                   "file": {"driver": "null-co", "size": 4 << 20}})
+        )),
+        node().prop_map(move |n| c(
+            "blockdev-add",
+            json!({"driver": "quorum", "node-name": n, "vote-threshold": 1,
+                   "children": [{"driver": "memory", "size": 4 << 20}]})
+        )),
+        node().prop_map(move |n| c("blockdev-del", json!({"node-name": n}))),
+        (node(), node())
+            .prop_map(move |(p, n)| c("x-blockdev-change", json!({"parent": p, "node": n}))),
+        (node(), 0u8..3).prop_map(move |(p, i)| c(
+            "x-blockdev-change",
+            json!({"parent": p, "child": format!("children.{i}")})
+        )),
+        Just(c(
+            "nbd-server-start",
+            json!({"addr": {"type": "unix", "data": {"path": sock}}})
+        )),
+        Just(c("nbd-server-stop", json!({}))),
+        (node(), any::<bool>())
+            .prop_map(move |(n, w)| c("nbd-server-add", json!({"device": n, "writable": w}))),
+        (node(), any::<bool>()).prop_map(move |(n, h)| c(
+            "nbd-server-remove",
+            json!({"name": n, "mode": if h { "hard" } else { "safe" }})
+        )),
+        (
+            job(),
+            node(),
+            node(),
+            prop::sample::select(&["full", "top", "none"][..])
+        )
+            .prop_map(move |(j, s, t, y)| c(
+                "blockdev-backup",
+                json!({"job-id": j, "device": s, "target": t, "sync": y})
+            )),
+        (job(), node(), node()).prop_map(move |(j, s, t)| c(
+            "blockdev-mirror",
+            json!({"job-id": j, "device": s, "target": t, "sync": "full"})
+        )),
+        (job(), node())
+            .prop_map(move |(j, n)| c("block-commit", json!({"job-id": j, "device": n}))),
+        (job(), node())
+            .prop_map(move |(j, n)| c("block-stream", json!({"job-id": j, "device": n}))),
+        (
+            job(),
+            prop::sample::select(
+                &[
+                    "block-job-cancel",
+                    "block-job-pause",
+                    "block-job-resume",
+                    "block-job-complete"
+                ][..]
+            )
+        )
+            .prop_map(move |(j, v)| c(v, json!({"device": j}))),
+        job().prop_map(move |j| c(
+            "block-job-set-speed",
+            json!({"device": j, "speed": 1 << 20})
+        )),
+        job().prop_map(move |j| c("job-dismiss", json!({"id": j}))),
+        (
+            any::<bool>(),
+            any::<bool>(),
+            prop::option::of(any::<bool>())
+        )
+            .prop_map(move |(e, p, f)| {
+                let mut a = json!({"enable": e, "primary": p});
+                if let Some(f) = f {
+                    a["failover"] = json!(f);
+                }
+                c("xen-set-replication", a)
+            }),
+        Just(c("xen-colo-do-checkpoint", json!({}))),
+        Just(c("x-colo-lost-heartbeat", json!({}))),
+        Just(c("query-xen-replication-status", json!({}))),
+        Just(c("x-blockrep-query-replication", json!({}))),
+        Just(c("query-block-jobs", json!({}))),
+        Just(c("query-blockstats", json!({"query-nodes": true}))),
+    ]
+    .boxed()
 }
 
 fn nodes(q: &mut Qmp) -> Value {
@@ -283,7 +386,19 @@ fn settle(q: &mut Qmp) {
     }
 }
 
-fn run_action(q: &mut Qmp, a: &Action, seq: &mut u64) -> Result<(), TestCaseError> {
+/// Commands that succeeded and failed, for the summary line.
+#[derive(Default)]
+struct Counts {
+    ok: u64,
+    failed: u64,
+}
+
+fn run_action(
+    q: &mut Qmp,
+    a: &Action,
+    seq: &mut u64,
+    counts: &mut Counts,
+) -> Result<(), TestCaseError> {
     match a {
         Action::Value(v) => {
             let r = q.raw(v.clone());
@@ -319,10 +434,12 @@ fn run_action(q: &mut Qmp, a: &Action, seq: &mut u64) -> Result<(), TestCaseErro
                     ),
                     "{r}"
                 );
+                counts.failed += 1;
                 let after = nodes(q);
                 prop_assert_eq!(before, after, "failed {} {} changed the graph", c, args);
             } else {
                 prop_assert!(r.get("return").is_some(), "{r}");
+                counts.ok += 1;
                 settle(q);
             }
         }
@@ -370,12 +487,13 @@ fn prop_random_qmp_input_never_breaks_the_daemon() {
         ..Config::default()
     });
     let seq = std::cell::Cell::new(0u64);
+    let counts = std::cell::RefCell::new(Counts::default());
     let strategy = prop::collection::vec(action(dir.clone()), 1..12);
     let result = runner.run(&strategy, |actions| {
         let mut q = q.borrow_mut();
         let mut n = seq.get();
         for a in &actions {
-            run_action(&mut q, a, &mut n)?;
+            run_action(&mut q, a, &mut n, &mut counts.borrow_mut())?;
         }
         seq.set(n);
         Ok(())
@@ -383,6 +501,9 @@ fn prop_random_qmp_input_never_breaks_the_daemon() {
     if let Err(e) = result {
         panic!("{e}\ndaemon log tail:\n{}", tail(&daemon.log(&dir)));
     }
+    let c = counts.into_inner();
+    eprintln!("commands: {} succeeded, {} failed", c.ok, c.failed);
+    assert!(c.ok > 0 && c.failed > 0);
     // Still alive and answering; then a clean quit.
     let mut q = q.into_inner();
     assert!(q.ok("query-version", json!({})).get("qemu").is_some());

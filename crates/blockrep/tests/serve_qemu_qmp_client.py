@@ -203,6 +203,17 @@ def main():
     ev = wait_event(qmp, "BLOCK_JOB_COMPLETED", lambda d: d["device"] == "cm1")
     assert ev["data"]["type"] == "commit" and "error" not in ev["data"], ev
 
+    # intermediate commit: pmid into pbase, ptop's backing becomes pbase
+    cmd(qmp, "blockdev-add", driver="memory", **{"node-name": "pbase"}, size=4 * MIB)
+    cmd(qmp, "blockdev-add", driver="memory", **{"node-name": "pmid"}, backing="pbase")
+    cmd(qmp, "blockdev-add", driver="memory", **{"node-name": "ptop"}, backing="pmid")
+    cmd(qmp, "block-commit", **{"job-id": "cm2"}, device="ptop", **{"top-node": "pmid",
+        "base-node": "pbase"})
+    ev = wait_event(qmp, "BLOCK_JOB_COMPLETED", lambda d: d["device"] == "cm2")
+    assert ev["data"]["type"] == "commit" and "error" not in ev["data"], ev
+    ptop = {n["node-name"]: n for n in cmd(qmp, "query-named-block-nodes")}["ptop"]
+    assert {"child": "backing", "node-name": "pbase"} in ptop["children"], ptop
+
     # stream (sbase into stop), kept until dismissed
     cmd(qmp, "block-stream", **{"job-id": "st1"}, device="stop", **{"auto-dismiss": False})
     ev = wait_event(qmp, "BLOCK_JOB_COMPLETED", lambda d: d["device"] == "st1")

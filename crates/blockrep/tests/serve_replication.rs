@@ -279,8 +279,26 @@ fn forwarded_writes_checkpoint_and_failover_after_kill9() {
     );
     // The survivor keeps serving its guest.
     qemu_io(&sg, &["write -P 0xaa 60M 1M", "read -P 0xaa 60M 1M"]);
-    // Start/checkpoint/stop are accepted after failover (new pair later).
+    // Start (either mode), checkpoint and stop are accepted after the
+    // failover and change nothing, so the survivor can join a new pair.
+    sq.ok(
+        "xen-set-replication",
+        json!({"enable": true, "primary": true}),
+    );
     sq.ok("xen-colo-do-checkpoint", json!({}));
+    sq.ok(
+        "xen-set-replication",
+        json!({"enable": false, "primary": false}),
+    );
+    assert_eq!(status(&mut sq, "top")["state"], "DONE");
+    qemu_io(
+        &sg,
+        &[
+            "read -P 0x99 0 1M",
+            "read -P 0xaa 60M 1M",
+            "read -P 0x22 32M 8M",
+        ],
+    );
 
     // Clean shutdown; the secondary disk holds exactly the expected bytes.
     drop(sq);

@@ -1,16 +1,14 @@
 //! Block job commands (`blockdev-backup`, `block-commit`, `blockdev-mirror`,
 //! `block-stream`, `query-block-jobs`, `block-job-*`, `job-dismiss`) and the
-//! forwarding of job events as QEMU's QMP events. Backup, mirror and active
-//! commit come from `block-jobs`; the plain (intermediate) commit and
-//! stream are small job drivers here on the same framework.
+//! forwarding of job events as QEMU's QMP events. The jobs themselves are
+//! `block-jobs`' (backup, mirror, active and plain commit, stream).
 
 use std::sync::Arc;
 
-use block_graph::{BlockOp, BlockerGuard, Graph, NodeRef, ReopenOpts, Role, WriteFlags};
+use block_graph::{BlockOp, Graph, NodeRef};
 use block_jobs::{
-    BackupJob, BackupOptions, BackupSync, ErrorAction, IoOperation, JobContext, JobDriver,
-    JobError, JobEvent, JobInfo, JobOptions, JobType, MirrorJob, MirrorOptions, MirrorSync,
-    OnError,
+    BackupJob, BackupOptions, BackupSync, CommitJob, CommitOptions, JobError, JobEvent, JobInfo,
+    JobOptions, MirrorJob, MirrorOptions, MirrorSync, OnError, StreamJob,
 };
 use qmp::{Args, QmpError};
 use serde_json::{json, Value};
@@ -18,9 +16,6 @@ use serde_json::{json, Value};
 use super::block::{generic, lookup_device};
 use super::log::log_at;
 use super::Daemon;
-
-/// Copy unit of our stream and commit jobs.
-const CHUNK: u64 = 1 << 20;
 
 fn jerr(e: JobError) -> QmpError {
     QmpError::generic(e.context().to_string())
@@ -217,6 +212,8 @@ pub(crate) fn block_commit(d: &Daemon, a: &Args) -> Result<Value, QmpError> {
     }
     let device = a.str("device")?;
     let root = lookup_device(d, device)?;
+    // QEMU checks the device's blockers first.
+    root.check_op(BlockOp::CommitSource).map_err(generic)?;
     let top = in_chain(
         &d.graph,
         &root,
@@ -266,47 +263,25 @@ pub(crate) fn block_commit(d: &Daemon, a: &Args) -> Result<Value, QmpError> {
         );
         return Ok(json!({}));
     }
-    let overlay = top
-        .parents()
-        .into_iter()
-        .find(|(_, r)| *r == Role::Backing)
-        .map(|(p, _)| p)
-        .ok_or_else(|| QmpError::generic(format!("'{}' has no overlay", top.name())))?;
-    top.check_op(BlockOp::CommitSource).map_err(generic)?;
-    base.check_op(BlockOp::CommitTarget).map_err(generic)?;
-    let was_ro = base.is_read_only();
-    if was_ro {
-        d.graph
-            .reopen(&[(base.clone(), ReopenOpts { read_only: false })])
-            .map_err(generic)?;
-    }
-    let blockers = vec![
-        top.block_op(BlockOp::CommitSource, "node is the top of a commit job"),
-        base.block_op(BlockOp::CommitTarget, "node is the base of a commit job"),
-    ];
-    let drv = CopyDriver {
-        kind: CopyKind::Commit {
-            overlay,
-            was_ro,
+    let cj = CommitJob::start(
+        &d.jobs,
+        &d.graph,
+        &top,
+        &base,
+        CommitOptions {
             backing_file: a.opt_str("backing-file").map(str::to_string),
+            job,
         },
-        graph: d.graph.clone(),
-        top,
-        base: Some(base.clone()),
-        _blockers: blockers,
-    };
-    match d.jobs.start(Box::new(drv), job) {
-        Ok(j) => {
-            log_at!(Info, "commit job '{}' started", j.id().unwrap_or(""));
-            Ok(json!({}))
-        }
-        Err(e) => {
-            if was_ro {
-                let _ = d.graph.reopen(&[(base, ReopenOpts { read_only: true })]);
-            }
-            Err(jerr(e))
-        }
-    }
+    )
+    .map_err(jerr)?;
+    log_at!(
+        Info,
+        "commit job '{}' started ('{}' into '{}')",
+        cj.job().id().unwrap_or(""),
+        top.name(),
+        base.name()
+    );
+    Ok(json!({}))
 }
 
 /// `block-stream`: copy what the backing chain above `base` holds into the
@@ -332,222 +307,29 @@ pub(crate) fn block_stream(d: &Daemon, a: &Args) -> Result<Value, QmpError> {
             return Err(QmpError::generic("base and device are the same node"));
         }
     }
+    // QEMU checks the blockers first.
+    top.check_op(BlockOp::Stream).map_err(generic)?;
     if top.is_read_only() {
         return Err(QmpError::generic(format!(
             "Block node '{}' is read-only",
             top.name()
         )));
     }
-    top.check_op(BlockOp::Stream).map_err(generic)?;
     let job = job_options(a, device)?;
     check_id_free(d, &job)?;
-    let blockers = vec![top.block_op(BlockOp::Stream, "node is the top of a stream job")];
-    let drv = CopyDriver {
-        kind: CopyKind::Stream {
+    let sj = StreamJob::start(
+        &d.jobs,
+        &d.graph,
+        &top,
+        base.as_ref(),
+        CommitOptions {
             backing_file: a.opt_str("backing-file").map(str::to_string),
+            job,
         },
-        graph: d.graph.clone(),
-        top,
-        base,
-        _blockers: blockers,
-    };
-    let j = d.jobs.start(Box::new(drv), job).map_err(jerr)?;
-    log_at!(Info, "stream job '{}' started", j.id().unwrap_or(""));
+    )
+    .map_err(jerr)?;
+    log_at!(Info, "stream job '{}' started", sj.job().id().unwrap_or(""));
     Ok(json!({}))
-}
-
-enum CopyKind {
-    /// Copy into `top` from below it; then `top`'s backing becomes `base`.
-    Stream { backing_file: Option<String> },
-    /// Copy from `top` (and what is between it and base) into `base`; then
-    /// `overlay`'s backing becomes `base`.
-    Commit {
-        overlay: NodeRef,
-        was_ro: bool,
-        backing_file: Option<String>,
-    },
-}
-
-/// Our stream and intermediate commit.
-struct CopyDriver {
-    kind: CopyKind,
-    graph: Graph,
-    top: NodeRef,
-    base: Option<NodeRef>,
-    _blockers: Vec<BlockerGuard>,
-}
-
-impl CopyDriver {
-    /// Copies what needs copying at the start of `[off, off+len)` (which
-    /// [`CopyDriver::needs_copy`] found to need it), with the job's error
-    /// policy. Returns how many bytes were handled.
-    fn copy_run(&self, ctx: &JobContext, off: u64, len: u64) -> block_jobs::Result<u64> {
-        loop {
-            let r = match &self.kind {
-                CopyKind::Stream { .. } => {
-                    // Guest writes to the range wait until the copy is in;
-                    // one that got there first wins (it is not overwritten).
-                    let _g = self.top.serialise(off, len);
-                    let (own, n) = match self.top.backing() {
-                        Some(b) => self
-                            .graph
-                            .is_allocated_above(&self.top, Some(&b), off, len)?,
-                        None => (true, len),
-                    };
-                    let n = n.clamp(1, len);
-                    if own {
-                        return Ok(n);
-                    }
-                    let mut buf = vec![0u8; n as usize];
-                    self.top
-                        .read(off, &mut buf)
-                        .map_err(|e| (IoOperation::Read, e))
-                        .and_then(|_| {
-                            self.top
-                                .write(off, &buf, WriteFlags::default())
-                                .map_err(|e| (IoOperation::Write, e))
-                        })
-                        .map(|_| n)
-                }
-                CopyKind::Commit { .. } => {
-                    let base = self.base.as_ref().ok_or_else(|| {
-                        JobError::new(block_jobs::ErrorKind::InvalidState, "commit without base")
-                    })?;
-                    let mut buf = vec![0u8; len as usize];
-                    self.top
-                        .read(off, &mut buf)
-                        .map_err(|e| (IoOperation::Read, e))
-                        .and_then(|_| {
-                            base.write(off, &buf, WriteFlags::default())
-                                .map_err(|e| (IoOperation::Write, e))
-                        })
-                        .map(|_| len)
-                }
-            };
-            match r {
-                Ok(n) => return Ok(n),
-                Err((op, e)) => {
-                    let je: JobError = e.into();
-                    match ctx.io_error(op, &je) {
-                        ErrorAction::Report => return Err(je),
-                        ErrorAction::Ignore => return Ok(len),
-                        ErrorAction::Stop => {
-                            ctx.pause_point();
-                            if ctx.is_cancelled() {
-                                return Err(JobError::cancelled());
-                            }
-                        }
-                    }
-                }
-            }
-        }
-    }
-
-    /// Whether `[off, off+len)` starts with a run that needs copying, and
-    /// the run's length.
-    fn needs_copy(&self, off: u64, len: u64) -> block_jobs::Result<(bool, u64)> {
-        match &self.kind {
-            CopyKind::Stream { .. } => match self.top.backing() {
-                None => Ok((false, len)),
-                Some(b) => {
-                    let (own, n) = self
-                        .graph
-                        .is_allocated_above(&self.top, Some(&b), off, len)?;
-                    if own {
-                        return Ok((false, n));
-                    }
-                    Ok(self.graph.is_allocated_above(
-                        &b,
-                        self.base.as_ref(),
-                        off,
-                        n.clamp(1, len),
-                    )?)
-                }
-            },
-            CopyKind::Commit { .. } => {
-                Ok(self
-                    .graph
-                    .is_allocated_above(&self.top, self.base.as_ref(), off, len)?)
-            }
-        }
-    }
-}
-
-impl JobDriver for CopyDriver {
-    fn job_type(&self) -> JobType {
-        match self.kind {
-            CopyKind::Stream { .. } => JobType::Stream,
-            CopyKind::Commit { .. } => JobType::Commit,
-        }
-    }
-
-    fn run(&mut self, ctx: &JobContext) -> block_jobs::Result<()> {
-        let len = self.top.len();
-        ctx.set_len(len);
-        let mut off = 0;
-        while off < len {
-            ctx.pause_point();
-            if ctx.is_cancelled() {
-                return Err(JobError::cancelled());
-            }
-            let want = CHUNK.min(len - off);
-            let (copy, n) = self.needs_copy(off, want)?;
-            let n = n.clamp(1, want);
-            let n = if copy {
-                ctx.throttle(n);
-                self.copy_run(ctx, off, n)?.clamp(1, n)
-            } else {
-                n
-            };
-            off += n;
-            ctx.set_progress(off);
-        }
-        if let Some(b) = &self.base {
-            b.flush()?;
-        }
-        self.top.flush()?;
-        Ok(())
-    }
-
-    fn prepare(&mut self, _ctx: &JobContext) -> block_jobs::Result<()> {
-        let base_name = self.base.as_ref().and_then(|b| b.filename());
-        let base_fmt = self.base.as_ref().map(|b| b.driver_name().to_string());
-        let (node, backing_file) = match &self.kind {
-            CopyKind::Stream { backing_file } => (self.top.clone(), backing_file.clone()),
-            CopyKind::Commit {
-                overlay,
-                backing_file,
-                ..
-            } => (overlay.clone(), backing_file.clone()),
-        };
-        match &self.base {
-            Some(b) => self.graph.attach_child(&node, Role::Backing, b)?,
-            None => {
-                self.graph.detach_child(&node, &Role::Backing)?;
-            }
-        }
-        let name = backing_file.or(base_name);
-        let fmt = if name.is_some() { base_fmt } else { None };
-        if let Err(e) = node
-            .driver()
-            .change_backing_file(&node, name.as_deref(), fmt.as_deref())
-        {
-            if e.kind() != block_graph::ErrorKind::NotSupported {
-                return Err(e.into());
-            }
-        }
-        Ok(())
-    }
-
-    fn clean(&mut self, _ctx: &JobContext) {
-        if let CopyKind::Commit { was_ro: true, .. } = self.kind {
-            if let Some(b) = &self.base {
-                let _ = self
-                    .graph
-                    .reopen(&[(b.clone(), ReopenOpts { read_only: true })]);
-            }
-        }
-    }
 }
 
 fn info_json(i: &JobInfo) -> Value {
