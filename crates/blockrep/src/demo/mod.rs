@@ -80,12 +80,6 @@ pub struct Args {
     /// Print the summary as JSON on stdout.
     #[arg(long)]
     pub json: bool,
-    /// Keep the secondary guest running while the failover commit runs
-    /// (DESIGN.md's behaviour). Off by default: block-jobs' active commit
-    /// deadlocks when guest writes leave several dirty runs for its drained
-    /// final copy (its copy threads are not drain owners).
-    #[arg(long, hide = true)]
-    pub guest_runs_during_commit: bool,
     /// (tests) Corrupt one byte of the secondary disk before the final
     /// verification, which must then fail.
     #[arg(long, hide = true)]
@@ -762,10 +756,7 @@ impl Demo<'_> {
         )?;
         let ss = self.sq()?.replication_status(names::SECONDARY_TOP)?;
         self.copied += ss["clusters-copied-since-checkpoint"].as_u64().unwrap_or(0);
-        let pause_guest = !self.args.guest_runs_during_commit;
-        if pause_guest {
-            self.gate.pause();
-        }
+        // The secondary guest keeps running through the failover commit.
         let t_lh = Instant::now();
         self.sq()?.run("x-colo-lost-heartbeat", json!({}))?;
         let deadline = Instant::now() + Duration::from_secs(60);
@@ -785,9 +776,6 @@ impl Demo<'_> {
             }
         };
         let t_done = Instant::now();
-        if pause_guest {
-            self.gate.resume();
-        }
         let st = self.sq()?.run("query-xen-replication-status", json!({}))?;
         if st["error"] != false || status["error"] != false {
             return Err(DemoError::Replication {
@@ -805,12 +793,18 @@ impl Demo<'_> {
             if self.failure.is_some() {
                 break;
             }
+            let status = format!(
+                "failed over; secondary alone, wrote {}",
+                human(self.sg.stats.bytes_written.load(Ordering::Relaxed))
+            );
+            self.progress.bar(start.elapsed(), until - start, &status);
             std::thread::sleep(
                 until
                     .saturating_duration_since(Instant::now())
                     .min(Duration::from_millis(50)),
             );
         }
+        self.progress.done();
         self.gate.stop();
         self.reap_workers(true)?;
         let since = self.sg.stats.writes.load(Ordering::Relaxed) - self.sec_writes_at_checkpoint;
