@@ -26,20 +26,8 @@ pub(crate) fn lookup_device(d: &Daemon, name: &str) -> Result<NodeRef, QmpError>
 /// Drops base options whose value is the default and that our graph does
 /// not take (`detect-zeroes: off`, `force-share: false`, `cache` on
 /// drivers other than `file`), in every nested definition.
-///
-/// A nested `file` definition whose parent is not explicitly read-only is
-/// opened read-write unless it says otherwise: QEMU reopens a node's
-/// children with it (replication makes the hidden disk, a backing opened
-/// read-only, writable), block-graph's reopen does not recurse, so the
-/// protocol node must already allow writes.
 fn normalise(v: &mut Value) {
     let Value::Object(m) = v else { return };
-    let parent_ro = m.get("read-only") == Some(&Value::Bool(true));
-    if !parent_ro {
-        if let Some(Value::Object(f)) = m.get_mut("file") {
-            f.entry("read-only").or_insert(Value::Bool(false));
-        }
-    }
     if m.get("detect-zeroes").and_then(Value::as_str) == Some("off") {
         m.remove("detect-zeroes");
     }

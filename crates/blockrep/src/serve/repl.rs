@@ -3,7 +3,10 @@
 //! `xen-colo-do-checkpoint`, `x-colo-lost-heartbeat`), and our status query
 //! ([`super::STATUS_COMMAND`]).
 
+use std::sync::Arc;
 use std::time::UNIX_EPOCH;
+
+use block_graph::{NodeRef, ReopenOpts};
 
 use qmp::{Args, QmpError};
 use replication_core::ReplicationMode;
@@ -31,7 +34,15 @@ pub(crate) fn xen_set_replication(d: &Daemon, a: &Args) -> Result<Value, QmpErro
         } else {
             ReplicationMode::Secondary
         };
-        d.repl.start_all(mode).map_err(generic)?;
+        let opened = if mode == ReplicationMode::Secondary {
+            open_protocol_nodes_rw(d).map_err(generic)?
+        } else {
+            Vec::new()
+        };
+        if let Err(e) = d.repl.start_all(mode) {
+            set_read_only(d, &opened, true);
+            return Err(generic(e));
+        }
         log_at!(Info, "replication started ({mode})");
     } else {
         let failover = failover.unwrap_or(false);
@@ -42,6 +53,60 @@ pub(crate) fn xen_set_replication(d: &Daemon, a: &Args) -> Result<Value, QmpErro
         }
     }
     Ok(json!({}))
+}
+
+/// Replication's start reopens the hidden and secondary disks read-write,
+/// as QEMU does; QEMU's reopen takes the nodes' `file` children along,
+/// block-graph's does not. So before a secondary start the read-only
+/// protocol nodes under those disks (a backing opened read-only passes that
+/// on to its nested `file`) are made writable here. Returns them, so a
+/// failed start can put them back.
+fn open_protocol_nodes_rw(d: &Daemon) -> Result<Vec<NodeRef>, block_graph::Error> {
+    let mut queue: Vec<NodeRef> = Vec::new();
+    for n in d.graph.nodes() {
+        let Some(r) = Replication::of(&n) else {
+            continue;
+        };
+        if r.mode() != ReplicationMode::Secondary || r.state() != ReplicationState::None {
+            continue;
+        }
+        let hidden = n.file().and_then(|active| active.backing());
+        let secondary = hidden.as_ref().and_then(|h| h.backing());
+        for disk in [hidden, secondary].into_iter().flatten() {
+            let mut f = disk.file();
+            while let Some(node) = f {
+                if node.is_read_only() && !queue.iter().any(|q| Arc::ptr_eq(q, &node)) {
+                    queue.push(node.clone());
+                }
+                f = node.file();
+            }
+        }
+    }
+    set_read_only_checked(d, &queue, false)?;
+    Ok(queue)
+}
+
+fn set_read_only_checked(
+    d: &Daemon,
+    nodes: &[NodeRef],
+    read_only: bool,
+) -> Result<(), block_graph::Error> {
+    if nodes.is_empty() {
+        return Ok(());
+    }
+    // Deepest first: a writable node may not sit over a read-only child.
+    let q: Vec<_> = nodes
+        .iter()
+        .rev()
+        .map(|n| (n.clone(), ReopenOpts { read_only }))
+        .collect();
+    d.graph.reopen(&q)
+}
+
+fn set_read_only(d: &Daemon, nodes: &[NodeRef], read_only: bool) {
+    if let Err(e) = set_read_only_checked(d, nodes, read_only) {
+        log_at!(Warn, "restoring read-only flags: {e}");
+    }
 }
 
 /// `query-xen-replication-status`: `{"error": false}` or
