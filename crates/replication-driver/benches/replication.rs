@@ -7,6 +7,9 @@
 //!   buffered data (32 MiB of guest writes in active, 32 MiB of copies in
 //!   hidden).
 
+// criterion_group! generates an undocumented public function.
+#![allow(missing_docs)]
+
 use std::time::Duration;
 
 use block_graph::{Backend, Graph, PermPair, WriteFlags};
@@ -41,7 +44,9 @@ fn qcow2_def(graph: &Graph, name: &str, size: u64) -> Value {
     img.close().unwrap();
     let bytes = img.storage().to_vec();
     let file = graph
-        .add_node(&json!({"driver": "memory", "node-name": format!("{name}-file"), "size": bytes.len()}))
+        .add_node(
+            &json!({"driver": "memory", "node-name": format!("{name}-file"), "size": bytes.len()}),
+        )
         .unwrap();
     file.write(0, &bytes, WriteFlags::default()).unwrap();
     json!({"driver": "qcow2", "node-name": name, "file": format!("{name}-file")})
@@ -62,7 +67,9 @@ fn setup(size: u64, qcow2: bool) -> Setup {
         opts.active = qcow2_def(&graph, "sec0-active", size);
     }
     let stack = build_secondary_stack(&graph, &opts).unwrap();
-    let guest = graph.new_backend(&stack.filter, PermPair::READ_WRITE).unwrap();
+    let guest = graph
+        .new_backend(&stack.filter, PermPair::READ_WRITE)
+        .unwrap();
     let repl = Replication::of(&stack.filter).unwrap();
     registry.start_all(ReplicationMode::Secondary).unwrap();
     Setup {

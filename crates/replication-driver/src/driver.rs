@@ -6,6 +6,9 @@ use std::sync::{Arc, Weak};
 use std::thread::{JoinHandle, ThreadId};
 use std::time::{Duration, Instant, SystemTime};
 
+use crate::error::{Error, ErrorKind, Result};
+use crate::state::{ReplicationState, ReplicationStatus};
+use crate::statepart::{EpochParticipant, STATE_ID, STATE_VERSION};
 use block_graph::{
     BlockOp, BlockerGuard, Driver, Error as BlockError, ErrorKind as BlockErrorKind, Graph, Node,
     NodeRef, OpenContext, PermPair, Perms, ReopenOpts, Result as BlockResult, Role, WriteFlags,
@@ -19,9 +22,6 @@ use replication_core::{
     OpError, RegistrationHandle, Registry, ReplicationMode, ReplicationOps, StateHandle,
     StateRegistry,
 };
-use crate::error::{Error, ErrorKind, Result};
-use crate::state::{ReplicationState, ReplicationStatus};
-use crate::statepart::{EpochParticipant, STATE_ID, STATE_VERSION};
 
 /// Role of the hidden disk as an extra child of the filter while running.
 pub const HIDDEN_ROLE: &str = "hidden";
@@ -221,7 +221,10 @@ impl Shared {
         let node = self.node()?;
         let graph = self.graph_of(&node)?;
         let active = node.file().ok_or_else(|| {
-            self.err(ErrorKind::BadChain, "Active disk doesn't have backing file (the filter has no file child)")
+            self.err(
+                ErrorKind::BadChain,
+                "Active disk doesn't have backing file (the filter has no file child)",
+            )
         })?;
         let hidden = active.backing().ok_or_else(|| {
             self.err(
@@ -475,15 +478,21 @@ impl Shared {
         let t0 = Instant::now();
         self.check_backup(run)?;
         let Some(backup) = run.backup.lock().clone() else {
-            return Err(self.err(ErrorKind::BackupCancelled, "Backup job was cancelled unexpectedly"));
+            return Err(self.err(
+                ErrorKind::BackupCancelled,
+                "Backup job was cancelled unexpectedly",
+            ));
         };
         let graph = self.graph_of(&run.secondary)?;
         // Forwarded writes and guest I/O are held while the copy state resets
         // and the buffers empty.
         let _d = graph.drain(&[backup.filter_node().clone()]);
-        backup
-            .checkpoint()
-            .map_err(|e| self.err(ErrorKind::BackupCancelled, format!("Backup job checkpoint failed: {e}")))?;
+        backup.checkpoint().map_err(|e| {
+            self.err(
+                ErrorKind::BackupCancelled,
+                format!("Backup job checkpoint failed: {e}"),
+            )
+        })?;
         run.active
             .make_empty()
             .map_err(|e| self.gerr("Cannot make active disk empty", e))?;
@@ -726,7 +735,6 @@ impl Shared {
         self.registration.lock().take();
         self.state_handle.lock().take();
     }
-
 }
 
 /// The `replication` block driver (a filter). Open it with
@@ -834,8 +842,11 @@ impl ReplicationDriver {
 
     fn file(node: &Node) -> BlockResult<NodeRef> {
         node.file().ok_or_else(|| {
-            BlockError::new(BlockErrorKind::NotFound, "the replication filter has no file child")
-                .with_node(node.name())
+            BlockError::new(
+                BlockErrorKind::NotFound,
+                "the replication filter has no file child",
+            )
+            .with_node(node.name())
         })
     }
 
@@ -908,7 +919,10 @@ impl Driver for ReplicationDriver {
     fn read(&self, node: &Node, offset: u64, buf: &mut [u8]) -> BlockResult<()> {
         let s = &self.shared;
         if s.mode == ReplicationMode::Primary {
-            return Err(eio(node, "the primary replication filter only forwards writes"));
+            return Err(eio(
+                node,
+                "the primary replication filter only forwards writes",
+            ));
         }
         if s.state() == ReplicationState::None {
             return Err(eio(node, "replication is not started"));
@@ -945,12 +959,10 @@ impl Driver for ReplicationDriver {
                 node,
                 &format!("the primary replication filter is in state {other}"),
             )),
-            (ReplicationMode::Secondary, ReplicationState::FailoverFailed) => {
-                match s.running() {
-                    Some(run) => self.write_failover_failed(node, &run, offset, buf, flags),
-                    None => Self::file(node)?.write(offset, buf, flags),
-                }
-            }
+            (ReplicationMode::Secondary, ReplicationState::FailoverFailed) => match s.running() {
+                Some(run) => self.write_failover_failed(node, &run, offset, buf, flags),
+                None => Self::file(node)?.write(offset, buf, flags),
+            },
             (ReplicationMode::Secondary, _) => {
                 let file = Self::file(node)?;
                 match s.running() {

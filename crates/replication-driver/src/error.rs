@@ -40,7 +40,7 @@ pub struct Error {
     node: String,
     message: String,
     #[source]
-    source: Option<block_graph::Error>,
+    source: Option<Box<block_graph::Error>>,
 }
 
 impl fmt::Display for Error {
@@ -70,7 +70,7 @@ impl Error {
             kind: ErrorKind::Graph,
             node: node.to_string(),
             message: message.into(),
-            source: Some(source),
+            source: Some(Box::new(source)),
         }
     }
 
@@ -97,7 +97,7 @@ impl Error {
 
     /// The block-graph error underneath, if any.
     pub fn graph_error(&self) -> Option<&block_graph::Error> {
-        self.source.as_ref()
+        self.source.as_deref()
     }
 
     /// This error as a block-graph error (for driver factories and I/O):

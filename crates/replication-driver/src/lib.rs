@@ -108,8 +108,8 @@ use replication_core::{Registry, ReplicationMode, StateRegistry};
 pub use driver::{ReplicationDriver, HIDDEN_ROLE, MAKE_EMPTY_DRIVERS, SECONDARY_ROLE};
 pub use error::{Error, ErrorKind, Result};
 pub use stack::{
-    build_primary_stack, build_secondary_stack, PrimaryStack, PrimaryStackOptions,
-    SecondaryStack, SecondaryStackOptions,
+    build_primary_stack, build_secondary_stack, PrimaryStack, PrimaryStackOptions, SecondaryStack,
+    SecondaryStackOptions,
 };
 pub use state::{ReplicationState, ReplicationStatus};
 

@@ -87,11 +87,23 @@ pub fn build_secondary_stack(graph: &Graph, o: &SecondaryStackOptions) -> Result
     let secondary = graph
         .node(&o.secondary_disk)
         .map_err(|e| Error::graph(f, "secondary disk", e))?;
-    let hidden_def = with(o.hidden.clone(), "backing", json!(o.secondary_disk), "hidden disk", f)?;
+    let hidden_def = with(
+        o.hidden.clone(),
+        "backing",
+        json!(o.secondary_disk),
+        "hidden disk",
+        f,
+    )?;
     let hidden = graph
         .add_node(&hidden_def)
         .map_err(|e| Error::graph(f, "cannot create the hidden disk", e))?;
-    let active_def = with(o.active.clone(), "backing", json!(hidden.name()), "active disk", f)?;
+    let active_def = with(
+        o.active.clone(),
+        "backing",
+        json!(hidden.name()),
+        "active disk",
+        f,
+    )?;
     let active = match graph.add_node(&active_def) {
         Ok(a) => a,
         Err(e) => {

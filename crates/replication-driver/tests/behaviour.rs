@@ -35,7 +35,9 @@ fn open_options_are_checked() {
         "The primary side does not support option top-id"
     );
     let e = g
-        .add_node(&json!({"driver": "replication", "node-name": "r", "mode": "secondary", "file": "d"}))
+        .add_node(
+            &json!({"driver": "replication", "node-name": "r", "mode": "secondary", "file": "d"}),
+        )
         .unwrap_err();
     assert!(e.to_string().contains("Missing the option top-id"), "{e}");
     for bad in [json!("tertiary"), json!(1), json!("Primary")] {
@@ -61,8 +63,10 @@ fn registers_with_registry_and_unregisters_on_removal() {
     let (g, registry, states) = graph();
     g.add_node(&json!({"driver": "memory", "node-name": "d", "size": MIB}))
         .unwrap();
-    g.add_node(&json!({"driver": "replication", "node-name": "p0", "mode": "primary", "file": "d"}))
-        .unwrap();
+    g.add_node(
+        &json!({"driver": "replication", "node-name": "p0", "mode": "primary", "file": "d"}),
+    )
+    .unwrap();
     assert_eq!(registry.names(), ["p0"]);
     assert_eq!(states.participants().len(), 1);
     // A refused open leaves no member behind.
@@ -89,7 +93,11 @@ fn partial_cluster_copy_before_write() {
     assert!(st.mapping.is_allocated());
     assert_eq!(st.len, CLUSTER);
     assert_eq!(
-        s.stack.hidden.block_status(6 * CLUSTER, CLUSTER).unwrap().mapping,
+        s.stack
+            .hidden
+            .block_status(6 * CLUSTER, CLUSTER)
+            .unwrap()
+            .mapping,
         Mapping::Unallocated
     );
     // A second forwarded write does not overwrite the saved copy.
@@ -167,7 +175,10 @@ fn start_validation_errors_leave_the_node_unstarted() {
     let s = secondary_with(4 * MIB, false, None);
     let e = s.repl.start(ReplicationMode::Primary).unwrap_err();
     assert_eq!(e.kind(), ErrorKind::ModeMismatch);
-    assert!(e.to_string().contains("needs secondary, but got primary"), "{e}");
+    assert!(
+        e.to_string().contains("needs secondary, but got primary"),
+        "{e}"
+    );
     assert_unstarted(&s);
     s.repl.start(ReplicationMode::Secondary).unwrap();
     expect(&s.stack.filter, 0, 4 * MIB, 0x11);
@@ -187,7 +198,11 @@ fn start_validation_chain_errors() {
         .start(ReplicationMode::Secondary)
         .unwrap_err();
     assert_eq!(e.kind(), ErrorKind::BadChain);
-    assert!(e.to_string().contains("Active disk 'a1' doesn't have backing file"), "{e}");
+    assert!(
+        e.to_string()
+            .contains("Active disk 'a1' doesn't have backing file"),
+        "{e}"
+    );
 
     // Hidden disk without backing.
     g.add_node(&json!({"driver": "memory", "node-name": "h2", "size": MIB}))
@@ -201,7 +216,11 @@ fn start_validation_chain_errors() {
         .unwrap()
         .start(ReplicationMode::Secondary)
         .unwrap_err();
-    assert!(e.to_string().contains("Hidden disk 'h2' doesn't have backing file"), "{e}");
+    assert!(
+        e.to_string()
+            .contains("Hidden disk 'h2' doesn't have backing file"),
+        "{e}"
+    );
 
     // Secondary disk without backend.
     g.add_node(&json!({"driver": "memory", "node-name": "s3", "size": MIB}))
@@ -215,7 +234,11 @@ fn start_validation_chain_errors() {
         .unwrap();
     let r = Replication::of(&f).unwrap();
     let e = r.start(ReplicationMode::Secondary).unwrap_err();
-    assert!(e.to_string().contains("The secondary disk 's3' doesn't have block backend"), "{e}");
+    assert!(
+        e.to_string()
+            .contains("The secondary disk 's3' doesn't have block backend"),
+        "{e}"
+    );
     assert_eq!(r.state(), ReplicationState::None);
 
     // Unequal lengths.
@@ -275,7 +298,10 @@ fn start_validation_top_id() {
     let s = chain_with_top("nosuch");
     let e = s.repl.start(ReplicationMode::Secondary).unwrap_err();
     assert_eq!(e.kind(), ErrorKind::TopId);
-    assert!(e.to_string().contains("top-id 'nosuch': no such node"), "{e}");
+    assert!(
+        e.to_string().contains("top-id 'nosuch': no such node"),
+        "{e}"
+    );
     assert_unstarted(&s);
     assert!(s.stack.hidden.is_read_only(), "read-only flag restored");
 
@@ -293,7 +319,11 @@ fn start_validation_top_id() {
         .add_node(&json!({"driver": "memory", "node-name": "other", "size": 4 * MIB}))
         .unwrap();
     let e = s.repl.start(ReplicationMode::Secondary).unwrap_err();
-    assert!(e.to_string().contains("does not reach the replication node"), "{e}");
+    assert!(
+        e.to_string()
+            .contains("does not reach the replication node"),
+        "{e}"
+    );
     assert_unstarted(&s);
 
     // A root node above the filter (with a backend) is fine; hidden becomes writable.
@@ -315,8 +345,16 @@ fn start_validation_top_id() {
     assert!(!s.stack.hidden.is_read_only());
     let top = s.graph.node("top0").unwrap();
     assert!(top.check_op(BlockOp::Resize).is_err());
-    assert!(s.stack.filter.child(&block_graph::Role::Named(HIDDEN_ROLE.into())).is_some());
-    assert!(s.stack.filter.child(&block_graph::Role::Named(SECONDARY_ROLE.into())).is_some());
+    assert!(s
+        .stack
+        .filter
+        .child(&block_graph::Role::Named(HIDDEN_ROLE.into()))
+        .is_some());
+    assert!(s
+        .stack
+        .filter
+        .child(&block_graph::Role::Named(SECONDARY_ROLE.into()))
+        .is_some());
     s.repl.stop(false).unwrap();
     assert!(s.stack.hidden.is_read_only(), "restored at stop");
     top.check_op(BlockOp::Resize).unwrap();
@@ -344,7 +382,12 @@ fn user_jobs_and_resize_on_top_refused_while_running() {
     )
     .unwrap_err();
     assert!(e.to_string().contains("in use by replication"), "{e}");
-    for op in [BlockOp::Stream, BlockOp::Resize, BlockOp::CommitSource, BlockOp::BackupSource] {
+    for op in [
+        BlockOp::Stream,
+        BlockOp::Resize,
+        BlockOp::CommitSource,
+        BlockOp::BackupSource,
+    ] {
         let e = top.check_op(op).unwrap_err();
         assert_eq!(e.kind(), BlockErrorKind::Busy);
         assert!(e.to_string().contains("in use by replication"), "{e}");
@@ -352,7 +395,12 @@ fn user_jobs_and_resize_on_top_refused_while_running() {
     s.registry.stop_all(true).unwrap();
     assert!(s.repl.wait_failover(Duration::from_secs(30)));
     assert_eq!(s.repl.state(), ReplicationState::Done);
-    for op in [BlockOp::Stream, BlockOp::Resize, BlockOp::CommitSource, BlockOp::BackupSource] {
+    for op in [
+        BlockOp::Stream,
+        BlockOp::Resize,
+        BlockOp::CommitSource,
+        BlockOp::BackupSource,
+    ] {
         top.check_op(op).unwrap();
     }
     let b = BackupJob::start(&jobs, &s.graph, top, &target, BackupOptions::default()).unwrap();
@@ -375,18 +423,29 @@ fn failover_failure_keeps_the_guest_view_and_routes_writes() {
     assert_eq!(s.repl.state(), ReplicationState::FailoverFailed);
     let e = s.registry.get_error_all().unwrap_err();
     assert!(e.to_string().contains("I/O error occurred"), "{e}");
-    assert!(s.repl.status().error.unwrap().contains("failover commit failed"));
+    assert!(s
+        .repl
+        .status()
+        .error
+        .unwrap()
+        .contains("failover commit failed"));
     // The guest still sees its view: its writes over the checkpoint state.
     expect(&s.stack.filter, 0, 16 * MIB, 0x33);
     expect(&s.stack.filter, 16 * MIB, 48 * MIB, 0x11);
     // Active and hidden are still in the path.
-    assert!(Arc::ptr_eq(&s.stack.filter.file().unwrap(), &s.stack.active));
+    assert!(Arc::ptr_eq(
+        &s.stack.filter.file().unwrap(),
+        &s.stack.active
+    ));
     // A write where active/hidden hold data goes to the active disk.
     bwrite(&s.guest, 4 * MIB, CLUSTER, 0x55);
     expect(&s.stack.filter, 4 * MIB, CLUSTER, 0x55);
     let mut b = vec![0u8; CLUSTER as usize];
     s.stack.secondary.read(4 * MIB, &mut b).unwrap();
-    assert!(b.iter().all(|x| *x != 0x55), "must not reach the secondary disk");
+    assert!(
+        b.iter().all(|x| *x != 0x55),
+        "must not reach the secondary disk"
+    );
     bwrite(&s.guest, 40 * MIB, CLUSTER, 0x56);
     expect(&s.stack.filter, 40 * MIB, CLUSTER, 0x56);
     // Elsewhere it goes straight to the secondary disk.
@@ -395,7 +454,11 @@ fn failover_failure_keeps_the_guest_view_and_routes_writes() {
     expect(&s.stack.secondary, 20 * MIB, 2 * CLUSTER, 0x66);
     expect(&s.stack.filter, 20 * MIB, 2 * CLUSTER, 0x66);
     assert_eq!(
-        s.stack.active.block_status(20 * MIB, 2 * CLUSTER).unwrap().mapping,
+        s.stack
+            .active
+            .block_status(20 * MIB, 2 * CLUSTER)
+            .unwrap()
+            .mapping,
         Mapping::Unallocated
     );
     // A straddling write splits.
@@ -443,7 +506,9 @@ fn backup_job_ending_unexpectedly_is_an_error() {
     job.wait();
     let e = s.repl.checkpoint().unwrap_err();
     assert_eq!(e.kind(), ErrorKind::BackupCancelled);
-    assert!(e.to_string().contains("Backup job was cancelled unexpectedly"));
+    assert!(e
+        .to_string()
+        .contains("Backup job was cancelled unexpectedly"));
     let e = s.repl.get_error().unwrap_err();
     assert!(e.to_string().contains("cancelled unexpectedly"), "{e}");
     for op in BlockOp::ALL {
@@ -535,7 +600,11 @@ fn checkpoint_epoch_travels_in_the_state_stream() {
     let mut stream = Vec::new();
     ps.save(&mut stream).unwrap();
     let e = s.states.load(&mut stream.as_slice()).unwrap_err();
-    assert!(e.to_string().contains("checkpoint epoch mismatch: primary 'prim0' is at 3, secondary 'sec0' at 4"), "{e}");
+    assert!(
+        e.to_string()
+            .contains("checkpoint epoch mismatch: primary 'prim0' is at 3, secondary 'sec0' at 4"),
+        "{e}"
+    );
     // The secondary saves nothing.
     let mut out = Vec::new();
     s.states.save(&mut out).unwrap();

@@ -15,7 +15,12 @@ use serde_json::json;
 
 // ------------------------------------------------------------------ primary
 
-fn primary() -> (block_graph::Graph, replication_core::Registry, Replication, block_graph::NodeRef) {
+fn primary() -> (
+    block_graph::Graph,
+    replication_core::Registry,
+    Replication,
+    block_graph::NodeRef,
+) {
     let (graph, registry, _states) = graph();
     graph
         .add_node(&json!({"driver": "memory", "node-name": "remote", "size": DISK}))
@@ -33,9 +38,7 @@ fn primary_read_write_before_and_after_start() {
     let mut buf = vec![0u8; 4096];
     let e = filter.read(0, &mut buf).unwrap_err();
     assert_eq!(e.kind(), BlockErrorKind::Io);
-    let e = filter
-        .write(0, &buf, WriteFlags::default())
-        .unwrap_err();
+    let e = filter.write(0, &buf, WriteFlags::default()).unwrap_err();
     assert_eq!(e.kind(), BlockErrorKind::Io);
 
     registry.start_all(ReplicationMode::Primary).unwrap();
@@ -139,7 +142,10 @@ fn secondary_read_write_fail_before_start() {
     assert_eq!(s.repl.state(), ReplicationState::None);
     let e = s.repl.checkpoint().unwrap_err();
     assert_eq!(e.kind(), ErrorKind::NotRunning);
-    assert_eq!(s.repl.get_error().unwrap_err().kind(), ErrorKind::NotRunning);
+    assert_eq!(
+        s.repl.get_error().unwrap_err().kind(),
+        ErrorKind::NotRunning
+    );
 }
 
 /// start, forwarded 0x22 to [32, 64) MiB, top write 0x33 to [0, 32) MiB.

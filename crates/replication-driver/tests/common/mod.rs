@@ -128,7 +128,9 @@ pub fn qcow2_in_memory(graph: &Graph, name: &str, size: u64) -> Value {
     img.close().unwrap();
     let bytes = img.storage().to_vec();
     let file = graph
-        .add_node(&json!({"driver": "memory", "node-name": format!("{name}-file"), "size": bytes.len()}))
+        .add_node(
+            &json!({"driver": "memory", "node-name": format!("{name}-file"), "size": bytes.len()}),
+        )
         .unwrap();
     file.write(0, &bytes, WriteFlags::default()).unwrap();
     json!({"driver": "qcow2", "node-name": name, "file": format!("{name}-file")})
