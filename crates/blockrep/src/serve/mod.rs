@@ -7,6 +7,30 @@
 //! query for (per replication node state, bytes forwarded, clusters copied
 //! since the checkpoint, last checkpoint time and duration, errors). The
 //! in-memory driver is `memory` (QEMU has none).
+//!
+//! Commands (argument shapes in `schema.rs`, QEMU's): `blockdev-add`,
+//! `blockdev-del`, `query-named-block-nodes`, `query-block`,
+//! `query-blockstats`, `x-blockdev-change`, `nbd-server-start`,
+//! `nbd-server-add`, `block-export-add` (type `nbd`), `nbd-server-remove`,
+//! `nbd-server-stop`, `blockdev-backup`, `block-commit` (active and
+//! intermediate), `blockdev-mirror`, `block-stream`, `query-block-jobs`,
+//! `block-job-cancel`/`-pause`/`-resume`/`-complete`/`-set-speed`,
+//! `job-dismiss`, `xen-set-replication`, `query-xen-replication-status`,
+//! `xen-colo-do-checkpoint`, `x-colo-lost-heartbeat`, the status command,
+//! and the protocol's own `qmp_capabilities`, `query-version`,
+//! `query-commands`, `quit`. Job events: `JOB_STATUS_CHANGE`,
+//! `BLOCK_JOB_READY`, `BLOCK_JOB_COMPLETED`, `BLOCK_JOB_CANCELLED`,
+//! `BLOCK_JOB_ERROR`.
+//!
+//! Error classes: a `device` argument naming no node is `DeviceNotFound`
+//! ("Cannot find device='x' nor node-name='x'"); an unknown block job is
+//! `DeviceNotActive` ("Block job 'x' not found"), as QEMU; everything else
+//! is `GenericError`. A failing command leaves the graph as it was.
+//!
+//! Not supported (refused with a GenericError naming the option): TLS,
+//! dirty bitmaps, `auto-finalize: false`, `filter-node-name`, mirror
+//! `replaces` and `copy-mode: write-blocking`, `block-stream`'s `bottom`,
+//! compressed backup, export types other than NBD.
 
 mod block;
 mod export;
