@@ -150,7 +150,10 @@ fn secondary_read_write_fail_before_start() {
 
 /// start, forwarded 0x22 to [32, 64) MiB, top write 0x33 to [0, 32) MiB.
 fn started_with_writes() -> Secondary {
-    let s = secondary();
+    started_with_writes_on(secondary())
+}
+
+fn started_with_writes_on(s: Secondary) -> Secondary {
     s.registry.start_all(ReplicationMode::Secondary).unwrap();
     assert_eq!(s.repl.state(), ReplicationState::Running);
     expect(&s.stack.filter, 0, DISK, 0x11);
@@ -187,6 +190,26 @@ fn secondary_checkpoint_drops_buffers() {
     bwrite(&s.export, 0, MIB, 0x44);
     expect(&s.stack.filter, 0, MIB, 0x11);
     assert_eq!(s.repl.status().clusters_copied_since_checkpoint, 16);
+}
+
+#[test]
+fn secondary_checkpoint_and_failover_with_qcow2_active_and_hidden() {
+    let s = started_with_writes_on(secondary_qcow2(DISK, false));
+    assert_eq!(s.stack.active.driver_name(), "qcow2");
+    s.registry.checkpoint_all().unwrap();
+    expect(&s.stack.filter, 0, 32 * MIB, 0x11);
+    expect(&s.stack.filter, 32 * MIB, 32 * MIB, 0x22);
+    bwrite(&s.export, 0, 16 * MIB, 0x44);
+    bwrite(&s.guest, 8 * MIB, 16 * MIB, 0x55);
+    s.registry.stop_all(true).unwrap();
+    assert!(s.repl.wait_failover(Duration::from_secs(60)));
+    assert_eq!(s.repl.state(), ReplicationState::Done);
+    expect(&s.stack.secondary, 0, 8 * MIB, 0x11);
+    expect(&s.stack.secondary, 8 * MIB, 16 * MIB, 0x55);
+    expect(&s.stack.secondary, 24 * MIB, 8 * MIB, 0x11);
+    expect(&s.stack.secondary, 32 * MIB, 32 * MIB, 0x22);
+    expect(&s.stack.filter, 8 * MIB, 16 * MIB, 0x55);
+    s.registry.get_error_all().unwrap();
 }
 
 #[test]
