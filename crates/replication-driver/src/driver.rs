@@ -363,7 +363,35 @@ impl Shared {
                 return Err(self.gerr(format!("cannot hold the {role} disk"), e));
             }
         }
+        self.watch_backup(&run);
         Ok(run)
+    }
+
+    /// QEMU's backup completion callback: a backup job that ends while stop
+    /// has not cancelled it is an error, and its clean-up undoes start.
+    fn watch_backup(self: &Arc<Self>, run: &Arc<Running>) {
+        let Some(job) = run.backup.lock().as_ref().map(|b| b.job().clone()) else {
+            return;
+        };
+        let shared = Arc::downgrade(self);
+        let run = run.clone();
+        let spawned = std::thread::Builder::new()
+            .name(format!("backup-watch-{}", self.name))
+            .spawn(move || {
+                job.wait();
+                if !run.backup_active.load(Ordering::Acquire) {
+                    return;
+                }
+                let Some(s) = shared.upgrade() else { return };
+                let _c = s.control.lock();
+                if run.backup_active.load(Ordering::Acquire) {
+                    let _ = s.check_backup(&run);
+                }
+            });
+        if spawned.is_err() {
+            // Without the watcher the next checkpoint still notices.
+            self.record_error("cannot watch the backup job".into());
+        }
     }
 
     fn check_top(&self, graph: &Graph, node: &NodeRef, top_id: &str) -> Result<NodeRef> {

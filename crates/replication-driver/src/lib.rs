@@ -84,10 +84,20 @@
 //! * The backup job is `block-jobs`' [`block_jobs::BackupJob`] with sync=none
 //!   (a `copy-before-write` filter above the secondary disk, copying into the
 //!   hidden disk, 64 KiB clusters), internal (no job id).
+//!   A watcher thread plays QEMU's completion callback: if the job ends
+//!   while stop has not cancelled it, the error "Backup job was cancelled
+//!   unexpectedly" is recorded for `get_error` and start is undone
+//!   (blockers, extra children, read-only flags).
 //! * The failover commit is `block-jobs`' active commit
 //!   ([`block_jobs::MirrorJob::start_active_commit`], auto-completing),
-//!   internal; a thread waits for it and moves the state to DONE or
-//!   FAILOVER_FAILED.
+//!   internal, with one copy in flight: block-jobs' final drained pass
+//!   copies further runs on helper threads that its own drained section
+//!   holds, a deadlock when the guest left dirty data behind. A thread
+//!   waits for the commit and moves the state to DONE or FAILOVER_FAILED.
+//! * Closing a node may happen with the graph lock held (node removal) while
+//!   the jobs' clean-up needs that lock: close removes the backup filter
+//!   itself, cancels the jobs and waits until they stopped copying; their
+//!   remaining clean-up runs once the lock is free.
 //! * block-graph has no way to ask a driver whether it implements
 //!   `make_empty`; drivers in [`MAKE_EMPTY_DRIVERS`] are accepted as active
 //!   and hidden disks.

@@ -504,16 +504,22 @@ fn backup_job_ending_unexpectedly_is_an_error() {
     assert!(job.is_internal());
     job.cancel(true).unwrap();
     job.wait();
-    let e = s.repl.checkpoint().unwrap_err();
-    assert_eq!(e.kind(), ErrorKind::BackupCancelled);
-    assert!(e
-        .to_string()
-        .contains("Backup job was cancelled unexpectedly"));
+    // The watcher records the error and undoes start (blockers, children).
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while s.repl.get_error().is_ok() && std::time::Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(5));
+    }
     let e = s.repl.get_error().unwrap_err();
     assert!(e.to_string().contains("cancelled unexpectedly"), "{e}");
     for op in BlockOp::ALL {
         s.stack.filter.check_op(op).unwrap();
     }
+    assert_eq!(s.stack.filter.children().len(), 1);
+    let e = s.repl.checkpoint().unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::BackupCancelled);
+    assert!(e
+        .to_string()
+        .contains("Backup job was cancelled unexpectedly"));
 }
 
 #[test]
