@@ -76,7 +76,7 @@ fn op_range(op: &Op) -> std::ops::Range<usize> {
 fn run_schedule(seed: u64, qemu_check: bool) {
     let mut rng = Rng::new(seed);
     let cs = [512u64, 1024, 4096][rng.below(3) as usize];
-    let size = cs * (32 + rng.below(96));
+    let size = cs * (32 + rng.below(64));
     let lazy = rng.below(2) == 0;
     // Half of the schedules run over a raw backing file (copy-on-write from it).
     let with_backing = rng.below(2) == 0;
@@ -168,6 +168,6 @@ fn crash_schedules() {
         .and_then(|s| s.parse().ok())
         .unwrap_or(2000);
     for seed in 0..n {
-        run_schedule(seed, seed % 40 == 0);
+        run_schedule(seed, seed % 100 == 0);
     }
 }
