@@ -415,24 +415,118 @@ enum Outcome {
     Extents(Vec<Extent>),
 }
 
+// The per-request hand-offs below use std's futex-based Mutex/Condvar and wake a
+// thread only when one waits: spinning-and-yielding primitives (crossbeam's
+// channel, parking_lot's spin phase) cost sched_yield storms on busy CPUs.
+
+fn lock<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
 /// Bytes reserved by requests in flight on one connection.
 struct Budget {
-    used: Mutex<u64>,
-    freed: Condvar,
+    /// (bytes in use, reader waiting)
+    used: std::sync::Mutex<(u64, bool)>,
+    freed: std::sync::Condvar,
     limit: u64,
 }
 
 impl Budget {
     fn take(&self, n: u64) {
-        let mut u = self.used.lock();
-        while *u > 0 && *u + n > self.limit {
-            self.freed.wait(&mut u);
+        let mut u = lock(&self.used);
+        while u.0 > 0 && u.0 + n > self.limit {
+            u.1 = true;
+            u = self
+                .freed
+                .wait(u)
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
         }
-        *u += n;
+        u.0 += n;
     }
     fn give(&self, n: u64) {
-        *self.used.lock() -= n;
-        self.freed.notify_all();
+        let mut u = lock(&self.used);
+        u.0 -= n;
+        if u.1 {
+            u.1 = false;
+            self.freed.notify_one();
+        }
+    }
+}
+
+#[derive(Default)]
+struct QueueState {
+    jobs: std::collections::VecDeque<Job>,
+    closed: bool,
+    idle_workers: usize,
+    sender_waiting: bool,
+}
+
+/// The bounded queue from a connection's reader to its workers.
+struct JobQueue {
+    state: std::sync::Mutex<QueueState>,
+    ready: std::sync::Condvar,
+    space: std::sync::Condvar,
+    cap: usize,
+}
+
+impl JobQueue {
+    fn new(cap: usize) -> JobQueue {
+        JobQueue {
+            state: std::sync::Mutex::new(QueueState::default()),
+            ready: std::sync::Condvar::new(),
+            space: std::sync::Condvar::new(),
+            cap,
+        }
+    }
+
+    /// Queues a job, waiting for room; false once closed.
+    fn push(&self, job: Job) -> bool {
+        let mut st = lock(&self.state);
+        while st.jobs.len() >= self.cap && !st.closed {
+            st.sender_waiting = true;
+            st = self
+                .space
+                .wait(st)
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+        }
+        if st.closed {
+            return false;
+        }
+        st.jobs.push_back(job);
+        if st.idle_workers > 0 {
+            self.ready.notify_one();
+        }
+        true
+    }
+
+    /// The next job; None once closed and empty.
+    fn pop(&self) -> Option<Job> {
+        let mut st = lock(&self.state);
+        loop {
+            if let Some(j) = st.jobs.pop_front() {
+                if st.sender_waiting {
+                    st.sender_waiting = false;
+                    self.space.notify_one();
+                }
+                return Some(j);
+            }
+            if st.closed {
+                return None;
+            }
+            st.idle_workers += 1;
+            st = self
+                .ready
+                .wait(st)
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            st.idle_workers -= 1;
+        }
+    }
+
+    /// No more jobs: workers finish what is queued and stop.
+    fn close(&self) {
+        lock(&self.state).closed = true;
+        self.ready.notify_all();
+        self.space.notify_all();
     }
 }
 
@@ -778,24 +872,23 @@ impl Inner {
         mut r: R,
         w: W,
     ) -> Result<()> {
-        let writer = Mutex::new(w);
+        let writer = std::sync::Mutex::new(w);
         let broken = AtomicBool::new(false);
         let budget = Budget {
-            used: Mutex::new(0),
-            freed: Condvar::new(),
+            used: std::sync::Mutex::new((0, false)),
+            freed: std::sync::Condvar::new(),
             limit: self.config.inflight_bytes.max(MAX_PAYLOAD as u64),
         };
         let workers = self.config.workers_per_connection.max(1);
-        let (tx, rx) = crossbeam_channel::bounded::<Job>(workers * 4);
+        let queue = JobQueue::new(workers * 4);
         let session = &session;
         std::thread::scope(|scope| {
             for i in 0..workers {
-                let rx = rx.clone();
-                let (writer, broken, budget) = (&writer, &broken, &budget);
+                let (writer, broken, budget, queue) = (&writer, &broken, &budget, &queue);
                 let spawned = std::thread::Builder::new()
                     .name(format!("nbd-worker-{i}"))
                     .spawn_scoped(scope, move || {
-                        for job in rx {
+                        while let Some(job) = queue.pop() {
                             let reserved = payload_reservation(&job.req);
                             let outcome = execute(session, &job);
                             drop(job.data);
@@ -806,10 +899,10 @@ impl Inner {
                         }
                     });
                 if let Err(e) = spawned {
+                    queue.close();
                     return Err(NbdError::io("spawn worker thread", e));
                 }
             }
-            drop(rx);
             let result = (|| -> Result<()> {
                 loop {
                     if broken.load(Ordering::Acquire) {
@@ -859,13 +952,13 @@ impl Inner {
                             ));
                         }
                     }
-                    if tx.send(Job { req, data }).is_err() {
+                    if !queue.push(Job { req, data }) {
                         budget.give(reserve);
                         return Err(NbdError::new(ErrorKind::Io, "workers gone"));
                     }
                 }
             })();
-            drop(tx);
+            queue.close();
             result
         })
     }
@@ -1018,7 +1111,7 @@ fn send_reply<W: Write>(
     s: &Session,
     req: &Request,
     outcome: Result<Outcome>,
-    writer: &Mutex<W>,
+    writer: &std::sync::Mutex<W>,
 ) -> std::io::Result<()> {
     let cookie = req.cookie;
     let buf = match outcome {
@@ -1090,5 +1183,5 @@ fn send_reply<W: Write>(
             }
         }
     };
-    writer.lock().write_all(&buf)
+    lock(writer).write_all(&buf)
 }
