@@ -7,7 +7,7 @@
 //! the guest's own writes since); after the failover the secondary disk must
 //! equal that model exactly.
 //!
-//! Cases: `PROPTEST_CASES` (default 3 here; `cargo xtask proptest` runs many,
+//! Cases: `PROPTEST_CASES` (default 2 here; `cargo xtask proptest` runs many,
 //! capped as [`cases`] says).
 
 mod common;
@@ -224,14 +224,14 @@ fn run(c: &Case) -> Result<(), String> {
     compare(&s.stack.filter, &view)
 }
 
-/// `PROPTEST_CASES` (default 3), capped at `REPLICATION_PROP_MAX_CASES`
+/// `PROPTEST_CASES` (default 2), capped at `REPLICATION_PROP_MAX_CASES`
 /// (default 250): each case builds and compares a pair of 64 MiB disks
 /// (about a second in release on the shared CI machine), so
 /// `cargo xtask proptest`'s 2,000 cases would take most of the CI budget.
 fn cases() -> u32 {
     let env = |k: &str| std::env::var(k).ok().and_then(|v| v.parse::<u32>().ok());
     env("PROPTEST_CASES")
-        .unwrap_or(3)
+        .unwrap_or(2)
         .min(env("REPLICATION_PROP_MAX_CASES").unwrap_or(250))
 }
 
