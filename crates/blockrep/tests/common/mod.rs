@@ -142,15 +142,18 @@ impl Qmp {
 
     /// Sends raw text and returns the next reply.
     pub fn send_text(&mut self, text: &str) -> Value {
-        self.writer.write_all(text.as_bytes()).unwrap();
-        self.writer.write_all(b"\n").unwrap();
+        self.writer_send(text);
         self.next_reply().expect("a reply")
     }
 
     /// Sends raw text (and a newline) without waiting for a reply.
+    /// One write: the daemon acts on a request as soon as its JSON value is
+    /// complete, and after `quit` it closes the connection, so a separate
+    /// newline write could meet a closed socket.
     pub fn writer_send(&mut self, text: &str) {
-        self.writer.write_all(text.as_bytes()).unwrap();
-        self.writer.write_all(b"\n").unwrap();
+        self.writer
+            .write_all(format!("{text}\n").as_bytes())
+            .unwrap();
     }
 
     /// The next non-event message.
