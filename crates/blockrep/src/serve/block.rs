@@ -300,7 +300,11 @@ pub(crate) fn close_all(g: &Graph) {
     if !left.is_empty() {
         // E.g. the hidden disk left behind by a failover: flushed here,
         // closed when the graph is dropped.
-        log_at!(Info, "nodes closed with the graph at exit: {}", left.join(", "));
+        log_at!(
+            Info,
+            "nodes closed with the graph at exit: {}",
+            left.join(", ")
+        );
         for n in g.nodes() {
             let _ = n.flush();
         }
