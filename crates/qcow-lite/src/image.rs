@@ -537,6 +537,18 @@ impl<S: Storage> Qcow2<S> {
         if off == 0 || off >> self.cluster_bits >= m.end_cluster {
             return Err(corrupt(format!("{what} {off:#x} outside the image file")));
         }
+        // Never let a table entry point into the L1 or refcount table (QEMU's
+        // metadata overlap check, for the fixed structures).
+        let cs = self.cs();
+        let l1_end = m.h.l1_table_offset + (m.l1.len() as u64 * 8).div_ceil(cs) * cs;
+        let rt_end = m.h.refcount_table_offset + m.h.refcount_table_clusters as u64 * cs;
+        if (m.h.l1_table_offset..l1_end).contains(&off)
+            || (m.h.refcount_table_offset..rt_end).contains(&off)
+        {
+            return Err(corrupt(format!(
+                "{what} {off:#x} overlaps the L1 or refcount table"
+            )));
+        }
         Ok(off)
     }
 
