@@ -15,8 +15,7 @@
 use std::time::Duration;
 
 use block_graph::{
-    BlockOp, BlockerGuard, ErrorKind as GKind, Graph, Mapping, NodeRef, ReopenOpts, Role,
-    WriteFlags, ZeroFlags,
+    BlockOp, BlockerGuard, ErrorKind as GKind, Graph, Mapping, NodeRef, Role, WriteFlags, ZeroFlags,
 };
 
 use crate::cbw::copy_range_op;
@@ -27,6 +26,9 @@ use crate::job::{
 
 /// Largest copy request.
 const CHUNK: u64 = 1 << 20;
+
+/// Copy requests in flight at once (plain commit).
+const IN_FLIGHT: usize = 8;
 
 /// Options of a plain commit or a stream.
 #[derive(Debug, Clone, Default)]
@@ -130,9 +132,10 @@ impl CommitJob {
         }
         top.check_op(BlockOp::CommitSource)?;
         base.check_op(BlockOp::CommitTarget)?;
-        let restore_ro = base.is_read_only();
+        let ro_queue = crate::graph_util::read_only_data_nodes(base);
+        let restore_ro = !ro_queue.is_empty();
         if restore_ro {
-            graph.reopen(&[(base.clone(), ReopenOpts { read_only: false })])?;
+            crate::graph_util::set_read_only(graph, &ro_queue, false)?;
         }
         let blockers = vec![
             top.block_op(BlockOp::CommitSource, "node is the top of a commit job"),
@@ -146,6 +149,7 @@ impl CommitJob {
             overlay,
             opts: opts.clone(),
             restore_ro,
+            ro_queue,
             done: false,
             _blockers: blockers,
         };
@@ -166,43 +170,9 @@ struct CommitDriver {
     overlay: NodeRef,
     opts: CommitOptions,
     restore_ro: bool,
+    ro_queue: Vec<NodeRef>,
     done: bool,
     _blockers: Vec<BlockerGuard>,
-}
-
-/// Copy `[off, off+len)` of `src` (as its chain reads) into `dst` in chunks,
-/// under the job's speed limit, pause points and error policy.
-fn copy_job_range(
-    ctx: &JobContext,
-    src: &NodeRef,
-    dst: &NodeRef,
-    off: u64,
-    len: u64,
-) -> Result<bool> {
-    let mut o = off;
-    let end = off + len;
-    while o < end {
-        ctx.pause_point();
-        if ctx.is_cancelled() {
-            return Ok(false);
-        }
-        let n = CHUNK.min(end - o);
-        ctx.throttle(n);
-        match copy_range_op(src, dst, o..o + n) {
-            Ok(()) => {
-                ctx.add_progress(n);
-                o += n;
-            }
-            Err((op, e)) => {
-                let je = JobError::from(e);
-                match ctx.io_error(op, &je) {
-                    ErrorAction::Report => return Err(je),
-                    ErrorAction::Ignore | ErrorAction::Stop => {}
-                }
-            }
-        }
-    }
-    Ok(true)
 }
 
 impl JobDriver for CommitDriver {
@@ -226,9 +196,51 @@ impl JobDriver for CommitDriver {
             off += run;
         }
         ctx.set_len(runs.iter().map(|r| r.1).sum());
-        for (off, run) in runs {
-            if !copy_job_range(ctx, &self.top, &self.base, off, run)? {
+        // chunks of at most CHUNK bytes, copied IN_FLIGHT at a time
+        let mut chunks: std::collections::VecDeque<(u64, u64)> = runs
+            .iter()
+            .flat_map(|&(off, run)| {
+                (0..run.div_ceil(CHUNK)).map(move |i| {
+                    let o = off + i * CHUNK;
+                    (o, CHUNK.min(off + run - o))
+                })
+            })
+            .collect();
+        while !chunks.is_empty() {
+            ctx.pause_point();
+            if ctx.is_cancelled() {
                 return Ok(());
+            }
+            let batch: Vec<(u64, u64)> = (0..IN_FLIGHT).map_while(|_| chunks.pop_front()).collect();
+            ctx.throttle(batch.iter().map(|c| c.1).sum());
+            let (top, base) = (&self.top, &self.base);
+            let results: Vec<_> = std::thread::scope(|s| {
+                let hs: Vec<_> = batch
+                    .iter()
+                    .map(|&(o, n)| s.spawn(move || copy_range_op(top, base, o..o + n)))
+                    .collect();
+                hs.into_iter()
+                    .map(|h| {
+                        h.join().unwrap_or_else(|_| {
+                            Err((
+                                IoOperation::Write,
+                                block_graph::Error::new(GKind::Io, "copy thread panicked"),
+                            ))
+                        })
+                    })
+                    .collect()
+            });
+            for (c, r) in batch.into_iter().zip(results) {
+                match r {
+                    Ok(()) => ctx.add_progress(c.1),
+                    Err((op, e)) => {
+                        let je = JobError::from(e);
+                        match ctx.io_error(op, &je) {
+                            ErrorAction::Report => return Err(je),
+                            ErrorAction::Ignore | ErrorAction::Stop => chunks.push_back(c),
+                        }
+                    }
+                }
             }
         }
         self.base.flush()?;
@@ -252,9 +264,7 @@ impl JobDriver for CommitDriver {
 
     fn clean(&mut self, _ctx: &JobContext) {
         if self.restore_ro && !self.done {
-            let _ = self
-                .graph
-                .reopen(&[(self.base.clone(), ReopenOpts { read_only: true })]);
+            let _ = crate::graph_util::set_read_only(&self.graph, &self.ro_queue, true);
         }
     }
 }

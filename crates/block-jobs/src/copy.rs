@@ -125,6 +125,10 @@ impl CopyTracker {
             return Ok(());
         }
         let mut st = self.st.lock();
+        // fast path: every cluster already copied (rewrites after the first)
+        if c.end - c.start <= 64 && c.clone().all(|x| st.copied.contains(x)) {
+            return Ok(());
+        }
         loop {
             let mut want = RoaringTreemap::new();
             want.insert_range(c.clone());

@@ -1,6 +1,6 @@
 //! Graph helpers shared by the jobs.
 
-use block_graph::{Error as GError, ErrorKind as GKind, Graph, NodeRef};
+use block_graph::{Error as GError, ErrorKind as GKind, Graph, NodeRef, ReopenOpts, Role};
 
 /// Takes a filter node this crate inserted out of the graph: its parents and
 /// backends go back to its filtered child, then the node is removed; all
@@ -32,4 +32,37 @@ pub(crate) fn take_out_filter(graph: &Graph, filter: &NodeRef) -> Result<(), GEr
         return Err(e);
     }
     graph.remove_node(filter.name())
+}
+
+/// `node` and the data children below it (`file`, `children.N`, not
+/// `backing`) that are read-only: what must be reopened read-write before a
+/// job writes into `node` (QEMU reopens the subtree the same way).
+pub(crate) fn read_only_data_nodes(node: &NodeRef) -> Vec<NodeRef> {
+    let mut out = Vec::new();
+    let mut stack = vec![node.clone()];
+    while let Some(n) = stack.pop() {
+        if !n.is_read_only() {
+            continue;
+        }
+        for (role, c) in n.children() {
+            if matches!(role, Role::File | Role::Child(_)) {
+                stack.push(c);
+            }
+        }
+        out.push(n);
+    }
+    out
+}
+
+/// Reopen `nodes` with the given read-only flag, all or nothing.
+pub(crate) fn set_read_only(
+    graph: &Graph,
+    nodes: &[NodeRef],
+    read_only: bool,
+) -> Result<(), GError> {
+    let q: Vec<(NodeRef, ReopenOpts)> = nodes
+        .iter()
+        .map(|n| (n.clone(), ReopenOpts { read_only }))
+        .collect();
+    graph.reopen(&q)
 }

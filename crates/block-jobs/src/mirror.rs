@@ -18,7 +18,7 @@ use std::time::Duration;
 
 use block_graph::{
     BlockOp, BlockerGuard, Driver, Error as GError, ErrorKind as GKind, Graph, Node, NodeRef,
-    OpenContext, ReopenOpts, Role, WriteFlags, ZeroFlags,
+    OpenContext, Role, WriteFlags, ZeroFlags,
 };
 use parking_lot::Mutex;
 use roaring::RoaringTreemap;
@@ -401,14 +401,14 @@ fn start_engine(
             ),
         ));
     }
-    let mut restore_ro = false;
-    if target.is_read_only() {
-        graph.reopen(&[(target.clone(), ReopenOpts { read_only: false })])?;
-        restore_ro = true;
+    let ro_queue = crate::graph_util::read_only_data_nodes(target);
+    let restore_ro = !ro_queue.is_empty();
+    if restore_ro {
+        crate::graph_util::set_read_only(graph, &ro_queue, false)?;
     }
     let undo_ro = |graph: &Graph| {
         if restore_ro {
-            let _ = graph.reopen(&[(target.clone(), ReopenOpts { read_only: true })]);
+            let _ = crate::graph_util::set_read_only(graph, &ro_queue, true);
         }
     };
     register_drivers(graph);
@@ -456,6 +456,7 @@ fn start_engine(
         auto_complete: opts.auto_complete,
         max_in_flight: opts.max_in_flight.max(1),
         restore_ro,
+        ro_queue: ro_queue.clone(),
         pivoted: false,
         _blockers: blockers,
     };
@@ -486,6 +487,7 @@ struct MirrorDriver {
     auto_complete: bool,
     max_in_flight: usize,
     restore_ro: bool,
+    ro_queue: Vec<NodeRef>,
     pivoted: bool,
     _blockers: Vec<BlockerGuard>,
 }
@@ -697,9 +699,7 @@ impl JobDriver for MirrorDriver {
             let _ = crate::graph_util::take_out_filter(&self.graph, &f);
         }
         if self.restore_ro && !self.pivoted {
-            let _ = self
-                .graph
-                .reopen(&[(self.target.clone(), ReopenOpts { read_only: true })]);
+            let _ = crate::graph_util::set_read_only(&self.graph, &self.ro_queue, true);
             self.restore_ro = false;
         }
     }
