@@ -5,6 +5,8 @@
 //! * `proptest [--cases N]`: the property tests (test functions named
 //!   `prop_*`) in release mode with `PROPTEST_CASES=N`.
 
+mod bench;
+
 use std::env;
 use std::path::PathBuf;
 use std::process::{Command, ExitCode};
@@ -17,6 +19,9 @@ tasks:
                         then cargo test --workspace; stops at the first failure
   proptest [--cases N]  run the property tests (fns named prop_*) in release mode
                         with PROPTEST_CASES=N (default 2000)
+  bench [--quick] [--no-criterion] [--reps N]
+                        criterion benches of every crate, then ours vs QEMU's tools
+                        side by side; writes BENCHMARKS.md
   help                  show this message
 ";
 
@@ -67,6 +72,7 @@ fn main() -> ExitCode {
                 ],
             )
         }),
+        "bench" => bench::run(&workspace_root(), rest),
         "help" | "-h" | "--help" => {
             print!("{USAGE}");
             Ok(())

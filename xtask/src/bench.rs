@@ -1,0 +1,1100 @@
+//! `cargo xtask bench [--quick] [--no-criterion]`: the criterion benches of
+//! every crate, then the side-by-side harness (ours against QEMU's tools, in
+//! alternating runs on the same files), written to `BENCHMARKS.md`.
+//!
+//! Every timed run is one process (or one client process against a running
+//! server) timed by wall clock from spawn to exit, so both sides pay the same
+//! open, flush and close. Each row alternates ours and the peer `reps` times
+//! after one unrecorded warm-up pair; the table shows throughput medians with
+//! min and max, and the ratio of the medians (ours / peer, higher is better).
+
+use std::fmt::Write as _;
+use std::io::{BufRead, BufReader, Write as _};
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant, SystemTime};
+
+use serde_json::{json, Value};
+
+const KIB: u64 = 1024;
+const MIB: u64 = 1024 * 1024;
+
+/// Options of the task.
+struct Opts {
+    quick: bool,
+    criterion: bool,
+    reps: usize,
+}
+
+fn parse_opts(rest: &[String]) -> Result<Opts, String> {
+    let mut o = Opts {
+        quick: false,
+        criterion: true,
+        reps: 5,
+    };
+    let mut it = rest.iter();
+    while let Some(a) = it.next() {
+        match a.as_str() {
+            "--quick" => o.quick = true,
+            "--no-criterion" => o.criterion = false,
+            "--reps" => {
+                let n = it.next().ok_or("--reps needs a number")?;
+                o.reps = n
+                    .parse()
+                    .ok()
+                    .filter(|&n: &usize| n >= 5)
+                    .ok_or_else(|| format!("--reps needs a number >= 5, got '{n}'"))?;
+            }
+            other => return Err(format!(
+                "bench: unexpected option '{other}' (expected --quick, --no-criterion, --reps N)"
+            )),
+        }
+    }
+    Ok(o)
+}
+
+/// One side-by-side row.
+struct Row {
+    figure: &'static str,
+    name: String,
+    /// Bytes moved by one run (throughput = bytes / seconds).
+    bytes: u64,
+    ours_cmd: String,
+    peer_cmd: String,
+    ours: Vec<f64>,
+    peer: Vec<f64>,
+}
+
+/// A row that could not be measured, with the reason.
+struct Missing {
+    figure: &'static str,
+    what: String,
+    why: String,
+}
+
+/// Everything the report needs.
+struct Report {
+    quick: bool,
+    reps: usize,
+    started: String,
+    load_start: String,
+    load_end: String,
+    elapsed: Duration,
+    criterion_status: String,
+    criterion: Vec<(String, f64, f64, f64)>,
+    rows: Vec<Row>,
+    missing: Vec<Missing>,
+    versions: Vec<String>,
+}
+
+/// Entry point of `cargo xtask bench`.
+pub fn run(root: &Path, rest: &[String]) -> Result<(), String> {
+    let opts = parse_opts(rest)?;
+    let t0 = Instant::now();
+    let started = sh_out("date", &["-u", "+%Y-%m-%d %H:%M:%S UTC"]).unwrap_or_default();
+    let load_start = loadavg();
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    let target = std::env::var("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|_| root.join("target"));
+    let target = if target.is_absolute() {
+        target
+    } else {
+        root.join(target)
+    };
+
+    for tool in ["qemu-img", "qemu-nbd", "qemu-io"] {
+        if Command::new(tool)
+            .arg("--version")
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status()
+            .is_err()
+        {
+            return Err(format!(
+                "bench: {tool} not found: install QEMU's tools (Debian/Ubuntu: apt-get install qemu-utils)"
+            ));
+        }
+    }
+
+    let crit_started = SystemTime::now();
+    let criterion_status = if opts.criterion {
+        let mut args = vec!["bench", "--workspace", "--benches"];
+        if opts.quick {
+            args.extend([
+                "--",
+                "--warm-up-time",
+                "0.2",
+                "--measurement-time",
+                "0.5",
+                "--sample-size",
+                "10",
+            ]);
+        }
+        let cmd = format!("cargo {}", args.join(" "));
+        eprintln!("xtask bench: {cmd}");
+        let st = Command::new(&cargo)
+            .args(&args)
+            .current_dir(root)
+            .status()
+            .map_err(|e| format!("bench: could not run `{cmd}`: {e}"))?;
+        if st.success() {
+            format!("`{cmd}`: passed")
+        } else {
+            format!(
+                "`{cmd}`: FAILED ({st}); the results below are those written before the failure"
+            )
+        }
+    } else {
+        "not run (--no-criterion)".to_string()
+    };
+    let criterion = collect_criterion(&target.join("criterion"), crit_started);
+
+    eprintln!("xtask bench: cargo build --release -p blockrep");
+    let st = Command::new(&cargo)
+        .args(["build", "--release", "-p", "blockrep"])
+        .current_dir(root)
+        .status()
+        .map_err(|e| format!("bench: cargo build: {e}"))?;
+    if !st.success() {
+        return Err("bench: cargo build --release -p blockrep failed".into());
+    }
+    let blockrep = target.join("release").join("blockrep");
+    let work = target.join("xtask-bench");
+    let _ = std::fs::remove_dir_all(&work);
+    std::fs::create_dir_all(&work).map_err(|e| format!("bench: {}: {e}", work.display()))?;
+
+    let h = Harness {
+        blockrep,
+        work: work.clone(),
+        reps: opts.reps,
+        quick: opts.quick,
+    };
+    let mut rows = Vec::new();
+    let mut missing = Vec::new();
+    h.image_io(&mut rows)?;
+    h.nbd(&mut rows)?;
+    h.commit(&mut rows)?;
+    not_measured(&mut missing);
+
+    let versions = vec![
+        sh_out("qemu-img", &["--version"])
+            .unwrap_or_default()
+            .lines()
+            .next()
+            .unwrap_or("")
+            .to_string(),
+        sh_out("rustc", &["--version"]).unwrap_or_default(),
+        format!(
+            "{} CPUs ({})",
+            std::thread::available_parallelism().map_or(0, |n| n.get()),
+            cpu_model()
+        ),
+        sh_out("uname", &["-sr"]).unwrap_or_default(),
+    ];
+    let report = Report {
+        quick: opts.quick,
+        reps: opts.reps,
+        started,
+        load_start,
+        load_end: loadavg(),
+        elapsed: t0.elapsed(),
+        criterion_status,
+        criterion,
+        rows,
+        missing,
+        versions,
+    };
+    let md = render(&report);
+    let out = root.join("BENCHMARKS.md");
+    std::fs::write(&out, md).map_err(|e| format!("bench: {}: {e}", out.display()))?;
+    let _ = std::fs::remove_dir_all(&work);
+    eprintln!(
+        "xtask bench: wrote {} ({:.0} s)",
+        out.display(),
+        t0.elapsed().as_secs_f64()
+    );
+    Ok(())
+}
+
+fn loadavg() -> String {
+    std::fs::read_to_string("/proc/loadavg")
+        .map(|s| s.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
+        .unwrap_or_else(|_| "?".into())
+}
+
+fn cpu_model() -> String {
+    std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("model name"))
+                .and_then(|l| l.split(':').nth(1))
+                .map(|m| m.trim().to_string())
+        })
+        .unwrap_or_else(|| "?".into())
+}
+
+fn sh_out(cmd: &str, args: &[&str]) -> Option<String> {
+    let o = Command::new(cmd).args(args).output().ok()?;
+    Some(String::from_utf8_lossy(&o.stdout).trim().to_string())
+}
+
+/// Runs a command to completion, failing with its output if it fails.
+fn run_ok(cmd: &mut Command) -> Result<(), String> {
+    let o = cmd
+        .stdin(Stdio::null())
+        .output()
+        .map_err(|e| format!("{cmd:?}: {e}"))?;
+    if !o.status.success() {
+        return Err(format!(
+            "{cmd:?} failed ({}):\n{}{}",
+            o.status,
+            String::from_utf8_lossy(&o.stdout),
+            String::from_utf8_lossy(&o.stderr)
+        ));
+    }
+    Ok(())
+}
+
+/// Runs a command, returning its wall time from spawn to exit.
+fn timed(cmd: &mut Command) -> Result<f64, String> {
+    let t = Instant::now();
+    run_ok(cmd)?;
+    Ok(t.elapsed().as_secs_f64())
+}
+
+/// The command line, shell-like, for the report.
+fn show(cmd: &Command) -> String {
+    let mut s = cmd.get_program().to_string_lossy().to_string();
+    for a in cmd.get_args() {
+        let a = a.to_string_lossy();
+        s.push(' ');
+        if a.contains(' ') || a.contains('?') || a.contains('&') {
+            s.push('\'');
+            s.push_str(&a);
+            s.push('\'');
+        } else {
+            s.push_str(&a);
+        }
+    }
+    s
+}
+
+struct Harness {
+    blockrep: PathBuf,
+    work: PathBuf,
+    reps: usize,
+    quick: bool,
+}
+
+/// A benchmark side: builds the command of one run, after preparing its files.
+type Side<'a> = dyn FnMut() -> Result<Command, String> + 'a;
+
+impl Harness {
+    fn qemu_img(&self) -> Command {
+        Command::new("qemu-img")
+    }
+
+    fn ours_img(&self) -> Command {
+        let mut c = Command::new(&self.blockrep);
+        c.arg("img");
+        c
+    }
+
+    /// Alternates ours and the peer: one unrecorded warm-up pair, then
+    /// `reps` recorded pairs.
+    fn alternate(
+        &self,
+        figure: &'static str,
+        name: String,
+        bytes: u64,
+        ours: &mut Side<'_>,
+        peer: &mut Side<'_>,
+    ) -> Result<Row, String> {
+        eprintln!("xtask bench: {figure}: {name}");
+        let (mut o, mut p) = (Vec::new(), Vec::new());
+        let (mut ours_cmd, mut peer_cmd) = (String::new(), String::new());
+        for rep in 0..=self.reps {
+            let mut c = ours()?;
+            ours_cmd = show(&c);
+            let to = timed(&mut c)?;
+            let mut c = peer()?;
+            peer_cmd = show(&c);
+            let tp = timed(&mut c)?;
+            if rep > 0 {
+                o.push(to);
+                p.push(tp);
+            }
+        }
+        Ok(Row {
+            figure,
+            name,
+            bytes,
+            ours_cmd,
+            peer_cmd,
+            ours: o,
+            peer: p,
+        })
+    }
+
+    fn create_qcow2(&self, path: &Path, size: u64) -> Result<(), String> {
+        let _ = std::fs::remove_file(path);
+        run_ok(
+            self.qemu_img()
+                .args(["create", "-q", "-f", "qcow2", "-o", "cluster_size=65536"])
+                .arg(path)
+                .arg(size.to_string()),
+        )
+    }
+
+    /// A qcow2 image whose every cluster is allocated (written with 0x11).
+    fn prefilled(&self, path: &Path, size: u64) -> Result<(), String> {
+        self.create_qcow2(path, size)?;
+        run_ok(
+            Command::new("qemu-io")
+                .args(["-f", "qcow2", "-c"])
+                .arg(format!("write -P 0x11 0 {size}"))
+                .arg(path),
+        )
+    }
+
+    /// Figure 1: `blockrep img bench` vs `qemu-img bench`, same flags.
+    fn image_io(&self, rows: &mut Vec<Row>) -> Result<(), String> {
+        let size = if self.quick { 16 * MIB } else { 256 * MIB };
+        let dir = self.work.join("img");
+        std::fs::create_dir_all(&dir).map_err(|e| e.to_string())?;
+        let full = dir.join("allocated.qcow2");
+        self.prefilled(&full, size)?;
+        // (label, write?, fresh image per run?, request size, step)
+        let strided = 68 * KIB; // one 4 KiB request per 64 KiB cluster, no wrap
+        let loads: [(&str, bool, bool, u64, u64); 6] = [
+            (
+                "64 KiB seq write, fresh (unallocated)",
+                true,
+                true,
+                64 * KIB,
+                64 * KIB,
+            ),
+            (
+                "64 KiB seq write, allocated",
+                true,
+                false,
+                64 * KIB,
+                64 * KIB,
+            ),
+            (
+                "4 KiB strided write, fresh (unallocated)",
+                true,
+                true,
+                4 * KIB,
+                strided,
+            ),
+            (
+                "4 KiB strided write, allocated",
+                true,
+                false,
+                4 * KIB,
+                strided,
+            ),
+            ("64 KiB seq read", false, false, 64 * KIB, 64 * KIB),
+            ("4 KiB strided read", false, false, 4 * KIB, strided),
+        ];
+        for cache in ["none", "writeback"] {
+            for depth in [1u64, 16] {
+                for (label, write, fresh, bs, step) in loads {
+                    // The last request ends before `size - bs`: qemu-img wraps
+                    // the offset modulo (size - bs), so neither tool wraps.
+                    let count = (size - bs) / step;
+                    let fresh_path = dir.join("fresh.qcow2");
+                    let args = |c: &mut Command, file: &Path| {
+                        c.args(["bench", "-q", "-f", "qcow2", "-t", cache])
+                            .arg("-d")
+                            .arg(depth.to_string())
+                            .arg("-c")
+                            .arg(count.to_string())
+                            .arg("-s")
+                            .arg(bs.to_string())
+                            .arg("-S")
+                            .arg(step.to_string());
+                        if write {
+                            c.args(["-w", "--pattern=90"]);
+                        }
+                        c.arg(file);
+                    };
+                    let target = if fresh { &fresh_path } else { &full };
+                    let mut ours = || {
+                        if fresh {
+                            self.create_qcow2(&fresh_path, size)?;
+                        }
+                        let mut c = self.ours_img();
+                        args(&mut c, target);
+                        Ok(c)
+                    };
+                    let mut peer = || {
+                        if fresh {
+                            self.create_qcow2(&fresh_path, size)?;
+                        }
+                        let mut c = self.qemu_img();
+                        args(&mut c, target);
+                        Ok(c)
+                    };
+                    let name = format!("{label}, -t {cache}, -d {depth}");
+                    rows.push(self.alternate(
+                        "1. Image I/O",
+                        name,
+                        count * bs,
+                        &mut ours,
+                        &mut peer,
+                    )?);
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Figure 2: `qemu-img bench` against our server and against qemu-nbd.
+    fn nbd(&self, rows: &mut Vec<Row>) -> Result<(), String> {
+        let size = if self.quick { 32 * MIB } else { 256 * MIB };
+        let dir = self.work.join("nbd");
+        std::fs::create_dir_all(&dir).map_err(|e| e.to_string())?;
+        let ours_img = dir.join("ours.qcow2");
+        let peer_img = dir.join("peer.qcow2");
+        self.prefilled(&ours_img, size)?;
+        self.prefilled(&peer_img, size)?;
+        for transport in ["unix", "tcp"] {
+            let (ours_uri, peer_uri, mut servers) =
+                self.start_nbd_servers(&dir, transport, &ours_img, &peer_img)?;
+            let result = (|| {
+                for write in [false, true] {
+                    for depth in [1u64, 16] {
+                        let bs = 64 * KIB;
+                        let count = (size - bs) / bs;
+                        let args = |c: &mut Command, uri: &str| {
+                            c.args(["bench", "-q", "-f", "raw"])
+                                .arg("-d")
+                                .arg(depth.to_string())
+                                .arg("-c")
+                                .arg(count.to_string())
+                                .arg("-s")
+                                .arg(bs.to_string());
+                            if write {
+                                c.args(["-w", "--pattern=90"]);
+                            }
+                            c.arg(uri);
+                        };
+                        let mut ours = || {
+                            let mut c = self.qemu_img();
+                            args(&mut c, &ours_uri);
+                            Ok(c)
+                        };
+                        let mut peer = || {
+                            let mut c = self.qemu_img();
+                            args(&mut c, &peer_uri);
+                            Ok(c)
+                        };
+                        let name = format!(
+                            "{transport}, 64 KiB seq {}, -d {depth}",
+                            if write { "write" } else { "read" }
+                        );
+                        rows.push(self.alternate(
+                            "2. NBD (client: qemu-img bench)",
+                            name,
+                            count * bs,
+                            &mut ours,
+                            &mut peer,
+                        )?);
+                    }
+                }
+                Ok::<(), String>(())
+            })();
+            servers.stop();
+            result?;
+        }
+        Ok(())
+    }
+
+    /// Starts `blockrep serve` (qcow2 node exported over QMP's
+    /// nbd-server-start/nbd-server-add) and `qemu-nbd` on equal images.
+    fn start_nbd_servers(
+        &self,
+        dir: &Path,
+        transport: &str,
+        ours_img: &Path,
+        peer_img: &Path,
+    ) -> Result<(String, String, Servers), String> {
+        let qmp_path = dir.join(format!("serve-{transport}.qmp"));
+        let log = std::fs::File::create(dir.join(format!("serve-{transport}.log")))
+            .map_err(|e| e.to_string())?;
+        let daemon = Command::new(&self.blockrep)
+            .args(["serve", "--log-level", "warn", "--qmp"])
+            .arg(&qmp_path)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .map_err(|e| format!("spawn blockrep serve: {e}"))?;
+        let mut servers = Servers {
+            children: vec![daemon],
+            qmp: None,
+        };
+        let setup = (|| {
+            let mut q = Qmp::connect(&qmp_path)?;
+            q.ok(
+                "blockdev-add",
+                json!({"driver": "qcow2", "node-name": "disk",
+                       "file": {"driver": "file", "filename": ours_img}}),
+            )?;
+            let (ours_uri, peer_uri, addr, peer_args): (String, String, Value, Vec<String>) =
+                if transport == "unix" {
+                    let os = dir.join("ours.sock");
+                    let ps = dir.join("peer.sock");
+                    (
+                        format!("nbd+unix:///disk0?socket={}", os.display()),
+                        format!("nbd+unix:///disk0?socket={}", ps.display()),
+                        json!({"type": "unix", "data": {"path": os}}),
+                        vec!["-k".into(), ps.display().to_string()],
+                    )
+                } else {
+                    let (op, pp) = (free_port()?, free_port()?);
+                    (
+                        format!("nbd://127.0.0.1:{op}/disk0"),
+                        format!("nbd://127.0.0.1:{pp}/disk0"),
+                        json!({"type": "inet", "data": {"host": "127.0.0.1", "port": op.to_string()}}),
+                        vec!["-b".into(), "127.0.0.1".into(), "-p".into(), pp.to_string()],
+                    )
+                };
+            q.ok("nbd-server-start", json!({ "addr": addr }))?;
+            q.ok(
+                "nbd-server-add",
+                json!({"device": "disk", "name": "disk0", "writable": true}),
+            )?;
+            let peer = Command::new("qemu-nbd")
+                .args(["-f", "qcow2", "-x", "disk0", "-t", "--cache=writeback"])
+                .args(&peer_args)
+                .arg(peer_img)
+                .stdin(Stdio::null())
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .map_err(|e| format!("spawn qemu-nbd: {e}"))?;
+            servers.children.push(peer);
+            wait_nbd(&peer_uri)?;
+            wait_nbd(&ours_uri)?;
+            Ok((ours_uri, peer_uri, q))
+        })();
+        match setup {
+            Ok((o, p, q)) => {
+                servers.qmp = Some(q);
+                Ok((o, p, servers))
+            }
+            Err(e) => {
+                servers.stop();
+                Err(e)
+            }
+        }
+    }
+
+    /// Figure 3: `blockrep img commit` vs `qemu-img commit` of the same overlay.
+    fn commit(&self, rows: &mut Vec<Row>) -> Result<(), String> {
+        let size = if self.quick { 128 * MIB } else { 1024 * MIB };
+        let dir = self.work.join("commit");
+        std::fs::create_dir_all(&dir).map_err(|e| e.to_string())?;
+        for scattered in [false, true] {
+            let tmpl = dir.join(if scattered { "tmpl-10pct" } else { "tmpl-full" });
+            std::fs::create_dir_all(&tmpl).map_err(|e| e.to_string())?;
+            self.create_qcow2(&tmpl.join("base.qcow2"), size)?;
+            run_ok(
+                self.qemu_img()
+                    .current_dir(&tmpl)
+                    .args([
+                        "create",
+                        "-q",
+                        "-f",
+                        "qcow2",
+                        "-o",
+                        "cluster_size=65536",
+                        "-b",
+                        "base.qcow2",
+                        "-F",
+                        "qcow2",
+                        "top.qcow2",
+                    ])
+                    .arg(size.to_string()),
+            )?;
+            let bytes = if scattered {
+                let n = size / (640 * KIB);
+                run_ok(
+                    self.qemu_img()
+                        .current_dir(&tmpl)
+                        .args(["bench", "-q", "-w", "-f", "qcow2", "-s", "65536"])
+                        .args(["-S", &(640 * KIB).to_string(), "-c", &n.to_string()])
+                        .args(["--pattern=90", "top.qcow2"]),
+                )?;
+                n * 64 * KIB
+            } else {
+                run_ok(
+                    Command::new("qemu-io")
+                        .current_dir(&tmpl)
+                        .args(["-f", "qcow2", "-c"])
+                        .arg(format!("write -P 0x5a 0 {size}"))
+                        .arg("top.qcow2"),
+                )?;
+                size
+            };
+            let run_dir = dir.join("run");
+            let fresh = || -> Result<(), String> {
+                let _ = std::fs::remove_dir_all(&run_dir);
+                std::fs::create_dir_all(&run_dir).map_err(|e| e.to_string())?;
+                for f in ["base.qcow2", "top.qcow2"] {
+                    run_ok(
+                        Command::new("cp")
+                            .arg("--sparse=always")
+                            .arg(tmpl.join(f))
+                            .arg(run_dir.join(f)),
+                    )?;
+                }
+                // Copies are not timed: let their dirty pages reach the disk first.
+                run_ok(
+                    Command::new("sync")
+                        .arg("-f")
+                        .arg(run_dir.join("top.qcow2")),
+                )
+            };
+            let mut ours = || {
+                fresh()?;
+                let mut c = self.ours_img();
+                c.current_dir(&run_dir).args(["commit", "-q", "top.qcow2"]);
+                Ok(c)
+            };
+            let mut peer = || {
+                fresh()?;
+                let mut c = self.qemu_img();
+                c.current_dir(&run_dir).args(["commit", "-q", "top.qcow2"]);
+                Ok(c)
+            };
+            let name = format!(
+                "{} MiB overlay, {} (fresh copy of the chain per run)",
+                size / MIB,
+                if scattered {
+                    "10% scattered (every 10th 64 KiB cluster)"
+                } else {
+                    "fully written"
+                }
+            );
+            rows.push(self.alternate("3. Commit", name, bytes, &mut ours, &mut peer)?);
+        }
+        Ok(())
+    }
+}
+
+fn not_measured(missing: &mut Vec<Missing>) {
+    let why_daemon = "not built yet: this harness does not yet drive a primary/secondary \
+        daemon pair over QMP (replication start, checkpoints, failover) with a guest-like \
+        writer; only the in-process criterion benches below touch these paths, and they \
+        are not the side-by-side figure the issue asks for";
+    for (figure, what) in [
+        (
+            "4. Replication overhead",
+            "primary write throughput and p99 with replication vs without; secondary rewrite with vs without the backup job",
+        ),
+        (
+            "5. Copy-before-write",
+            "first writes after a checkpoint with the backup job vs no job",
+        ),
+        (
+            "6. Checkpoint pause",
+            "p50/p99 at 10, 1,000, 100,000 dirty clusters on 1 GiB and 1 TiB",
+        ),
+        (
+            "7. Failover",
+            "x-colo-lost-heartbeat to secondary disk whole, 64 MiB and 1 GiB buffered, vs dd",
+        ),
+    ] {
+        missing.push(Missing {
+            figure,
+            what: what.into(),
+            why: why_daemon.into(),
+        });
+    }
+}
+
+/// The servers of the NBD figure; killed (by their pid) when stopped.
+struct Servers {
+    children: Vec<Child>,
+    qmp: Option<Qmp>,
+}
+
+impl Servers {
+    /// The daemon (first child) is asked to quit over QMP and given 5 s;
+    /// the others (qemu-nbd -t never exits by itself) are killed at once.
+    fn stop(&mut self) {
+        let quit_sent = match self.qmp.take() {
+            Some(mut q) => q.exec("quit", json!({})).is_ok(),
+            None => false,
+        };
+        for (i, c) in self.children.iter_mut().enumerate() {
+            if i == 0 && quit_sent {
+                let deadline = Instant::now() + Duration::from_secs(5);
+                while Instant::now() < deadline && matches!(c.try_wait(), Ok(None)) {
+                    std::thread::sleep(Duration::from_millis(20));
+                }
+            }
+            if matches!(c.try_wait(), Ok(None)) {
+                let _ = c.kill();
+            }
+            let _ = c.wait();
+        }
+        self.children.clear();
+    }
+}
+
+impl Drop for Servers {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+fn free_port() -> Result<u16, String> {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").map_err(|e| e.to_string())?;
+    Ok(l.local_addr().map_err(|e| e.to_string())?.port())
+}
+
+/// Waits until `qemu-img info` opens the NBD URI.
+fn wait_nbd(uri: &str) -> Result<(), String> {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let ok = Command::new("qemu-img")
+            .args(["info", "-f", "raw", uri])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status()
+            .is_ok_and(|s| s.success());
+        if ok {
+            return Ok(());
+        }
+        if Instant::now() > deadline {
+            return Err(format!("NBD server at {uri} did not come up in 20 s"));
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// A minimal QMP client (greeting, qmp_capabilities, commands).
+struct Qmp {
+    reader: BufReader<UnixStream>,
+    writer: UnixStream,
+}
+
+impl Qmp {
+    fn connect(path: &Path) -> Result<Qmp, String> {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        let s = loop {
+            match UnixStream::connect(path) {
+                Ok(s) => break s,
+                Err(e) if Instant::now() > deadline => {
+                    return Err(format!("QMP {}: {e}", path.display()))
+                }
+                Err(_) => std::thread::sleep(Duration::from_millis(20)),
+            }
+        };
+        s.set_read_timeout(Some(Duration::from_secs(60)))
+            .map_err(|e| e.to_string())?;
+        let w = s.try_clone().map_err(|e| e.to_string())?;
+        let mut q = Qmp {
+            reader: BufReader::new(s),
+            writer: w,
+        };
+        let greeting = q.read()?;
+        if greeting.get("QMP").is_none() {
+            return Err(format!("QMP: unexpected greeting {greeting}"));
+        }
+        q.ok("qmp_capabilities", json!({}))?;
+        Ok(q)
+    }
+
+    fn read(&mut self) -> Result<Value, String> {
+        let mut line = String::new();
+        self.reader
+            .read_line(&mut line)
+            .map_err(|e| format!("QMP read: {e}"))?;
+        serde_json::from_str(&line).map_err(|e| format!("QMP: bad JSON '{line}': {e}"))
+    }
+
+    fn exec(&mut self, cmd: &str, args: Value) -> Result<Value, String> {
+        let req = json!({"execute": cmd, "arguments": args});
+        writeln!(self.writer, "{req}").map_err(|e| format!("QMP write: {e}"))?;
+        loop {
+            let v = self.read()?;
+            if v.get("event").is_some() {
+                continue;
+            }
+            return Ok(v);
+        }
+    }
+
+    fn ok(&mut self, cmd: &str, args: Value) -> Result<Value, String> {
+        let v = self.exec(cmd, args.clone())?;
+        match v.get("return") {
+            Some(r) => Ok(r.clone()),
+            None => Err(format!("QMP {cmd} {args}: {v}")),
+        }
+    }
+}
+
+/// Criterion results written since `since`: (id, median, low, high) in ns.
+fn collect_criterion(dir: &Path, since: SystemTime) -> Vec<(String, f64, f64, f64)> {
+    let mut out = Vec::new();
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        let Ok(rd) = std::fs::read_dir(&d) else {
+            continue;
+        };
+        for e in rd.flatten() {
+            let p = e.path();
+            if p.is_dir() {
+                if p.file_name().is_some_and(|n| n == "new") {
+                    if let Some(r) = read_estimate(&p, since) {
+                        out.push(r);
+                    }
+                } else if p.file_name().map_or(true, |n| n != "report") {
+                    stack.push(p);
+                }
+            }
+        }
+    }
+    out.sort_by(|a, b| a.0.cmp(&b.0));
+    out
+}
+
+fn read_estimate(new: &Path, since: SystemTime) -> Option<(String, f64, f64, f64)> {
+    let est = new.join("estimates.json");
+    let modified = std::fs::metadata(&est).ok()?.modified().ok()?;
+    if modified < since {
+        return None;
+    }
+    let e: Value = serde_json::from_str(&std::fs::read_to_string(&est).ok()?).ok()?;
+    let b: Value =
+        serde_json::from_str(&std::fs::read_to_string(new.join("benchmark.json")).ok()?).ok()?;
+    let id = b.get("full_id")?.as_str()?.to_string();
+    let m = e.get("median")?;
+    let ci = m.get("confidence_interval")?;
+    Some((
+        id,
+        m.get("point_estimate")?.as_f64()?,
+        ci.get("lower_bound")?.as_f64()?,
+        ci.get("upper_bound")?.as_f64()?,
+    ))
+}
+
+fn fmt_ns(ns: f64) -> String {
+    if ns >= 1e9 {
+        format!("{:.3} s", ns / 1e9)
+    } else if ns >= 1e6 {
+        format!("{:.3} ms", ns / 1e6)
+    } else if ns >= 1e3 {
+        format!("{:.3} µs", ns / 1e3)
+    } else {
+        format!("{ns:.1} ns")
+    }
+}
+
+fn median(v: &[f64]) -> f64 {
+    let mut s = v.to_vec();
+    s.sort_by(|a, b| a.total_cmp(b));
+    let n = s.len();
+    if n == 0 {
+        return 0.0;
+    }
+    if n % 2 == 1 {
+        s[n / 2]
+    } else {
+        (s[n / 2 - 1] + s[n / 2]) / 2.0
+    }
+}
+
+/// Throughputs in MiB/s of the runs of one side.
+fn mibs(bytes: u64, secs: &[f64]) -> Vec<f64> {
+    secs.iter()
+        .map(|s| bytes as f64 / MIB as f64 / s.max(1e-9))
+        .collect()
+}
+
+fn target_of(figure: &str) -> (f64, f64) {
+    // (target, floor) of the ratio
+    if figure.starts_with("3.") {
+        (1.0, 1.0)
+    } else {
+        (1.0, 0.9)
+    }
+}
+
+fn render(r: &Report) -> String {
+    let mut s = String::new();
+    let _ = writeln!(s, "# Benchmarks\n");
+    let _ = writeln!(
+        s,
+        "Generated by `cargo xtask bench{}`; do not edit by hand. Run started {}, took {:.0} s.\n",
+        if r.quick { " --quick" } else { "" },
+        r.started,
+        r.elapsed.as_secs_f64()
+    );
+    if r.quick {
+        let _ = writeln!(
+            s,
+            "**This is a `--quick` run (CI smoke): small images, short criterion runs. \
+             The figures are dominated by process start-up and are not the full run's.**\n"
+        );
+    }
+    let _ = writeln!(s, "## Machine and load\n");
+    for v in &r.versions {
+        let _ = writeln!(s, "- {v}");
+    }
+    let _ = writeln!(
+        s,
+        "- load average (1/5/15 min) at start: {}, at end: {}. The machine is shared with \
+         other sessions compiling and testing; absolute times mean little, ratios of \
+         alternating runs mean more.\n",
+        r.load_start, r.load_end
+    );
+    let _ = writeln!(s, "## Method\n");
+    let _ = writeln!(
+        s,
+        "Each row runs one unrecorded warm-up pair, then {} recorded pairs alternating \
+         ours and the peer (ours, peer, ours, peer, ...) on the same files. A run is one \
+         process, timed by wall clock from spawn to exit (so both sides pay open, final \
+         flush and close). Throughput = bytes moved / time, in MiB/s; the table gives \
+         the median with [min, max]; ratio = ours median / peer median (higher is better \
+         for us). Preparation (creating fresh images, copying chains, `sync`) is not \
+         timed. Images are qcow2 with 64 KiB clusters. \"Allocated\" rows overwrite an \
+         image pre-filled with `qemu-io -c 'write -P 0x11 0 SIZE'`; \"fresh\" rows write \
+         into a freshly created image before every run. `qemu-img bench` has no random \
+         mode, so the 4 KiB rows are strided: a 68 KiB step puts one request in each \
+         64 KiB cluster, in order, without wrapping (count = (size - request) / step, \
+         so neither tool wraps its offset).\n",
+        r.reps
+    );
+    let _ = writeln!(s, "## Side by side\n");
+    let _ = writeln!(
+        s,
+        "Targets (issue 10): image I/O and NBD ratio >= 1.0, no row below 0.9; commit >= 1.0.\n"
+    );
+    let mut fig = "";
+    let mut misses = Vec::new();
+    for (i, row) in r.rows.iter().enumerate() {
+        if row.figure != fig {
+            fig = row.figure;
+            let _ = writeln!(s, "### {fig}\n");
+            let _ = writeln!(
+                s,
+                "| row | ours MiB/s median [min, max] | peer MiB/s median [min, max] | ratio | target |"
+            );
+            let _ = writeln!(s, "| --- | --- | --- | --- | --- |");
+        }
+        let o = mibs(row.bytes, &row.ours);
+        let p = mibs(row.bytes, &row.peer);
+        let (mo, mp) = (median(&o), median(&p));
+        let ratio = mo / mp.max(1e-9);
+        let (tgt, floor) = target_of(row.figure);
+        let verdict = if ratio >= tgt {
+            "met".to_string()
+        } else if ratio >= floor {
+            format!("below {tgt:.1}, above floor {floor:.1}")
+        } else {
+            "**missed**".to_string()
+        };
+        if ratio < tgt {
+            misses.push(format!("{} / {}: {ratio:.2}", row.figure, row.name));
+        }
+        let mm = |v: &[f64]| {
+            let lo = v.iter().copied().fold(f64::INFINITY, f64::min);
+            let hi = v.iter().copied().fold(0.0, f64::max);
+            format!("{:.1} [{lo:.1}, {hi:.1}]", median(v))
+        };
+        let _ = writeln!(
+            s,
+            "| {} | {} | {} | {ratio:.2} | {verdict} |",
+            row.name,
+            mm(&o),
+            mm(&p)
+        );
+        if r.rows
+            .get(i + 1)
+            .map_or(true, |next| next.figure != row.figure)
+        {
+            let _ = writeln!(s);
+        }
+    }
+    let _ = writeln!(s, "### Rows not measured\n");
+    let _ = writeln!(s, "| figure | what | why |");
+    let _ = writeln!(s, "| --- | --- | --- |");
+    for m in &r.missing {
+        let _ = writeln!(s, "| {} | {} | {} |", m.figure, m.what, m.why);
+    }
+    let _ = writeln!(s);
+    let _ = writeln!(s, "### Rows below target\n");
+    if misses.is_empty() {
+        let _ = writeln!(s, "None of the measured rows.\n");
+    } else {
+        for m in &misses {
+            let _ = writeln!(s, "- {m}");
+        }
+        let _ = writeln!(s);
+    }
+    let _ = writeln!(s, "### Commands (last recorded run of each row)\n");
+    let _ = writeln!(
+        s,
+        "Paths are under the bench work directory (`$CARGO_TARGET_DIR/xtask-bench`).\n"
+    );
+    for row in &r.rows {
+        let _ = writeln!(
+            s,
+            "- {} / {}\n  - ours: `{}`\n  - peer: `{}`",
+            row.figure, row.name, row.ours_cmd, row.peer_cmd
+        );
+    }
+    let _ = writeln!(s);
+    let _ = writeln!(s, "### Raw times (seconds, in run order)\n");
+    for row in &r.rows {
+        let f = |v: &[f64]| {
+            v.iter()
+                .map(|x| format!("{x:.3}"))
+                .collect::<Vec<_>>()
+                .join(", ")
+        };
+        let _ = writeln!(
+            s,
+            "- {} / {}: ours [{}]; peer [{}]",
+            row.figure,
+            row.name,
+            f(&row.ours),
+            f(&row.peer)
+        );
+    }
+    let _ = writeln!(s);
+    let _ = writeln!(s, "## Criterion benches (in-process, ours only)\n");
+    let _ = writeln!(s, "{}\n", r.criterion_status);
+    if !r.criterion.is_empty() {
+        let _ = writeln!(s, "| bench | median | 95% CI of the median |");
+        let _ = writeln!(s, "| --- | --- | --- |");
+        for (id, m, lo, hi) in &r.criterion {
+            let _ = writeln!(
+                s,
+                "| {id} | {} | {} .. {} |",
+                fmt_ns(*m),
+                fmt_ns(*lo),
+                fmt_ns(*hi)
+            );
+        }
+        let _ = writeln!(s);
+    }
+    let _ = writeln!(s, "## Instruction-count regression guard\n");
+    let _ = writeln!(
+        s,
+        "Not a timing: `cargo test -p perf-guard` (part of `cargo test --workspace`) counts \
+         the instructions of the hot paths under `valgrind --tool=callgrind` and fails when \
+         one grows more than 10% over `crates/perf-guard/baseline.txt`. See that crate's docs."
+    );
+    s
+}
