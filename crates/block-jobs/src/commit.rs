@@ -206,12 +206,17 @@ impl JobDriver for CommitDriver {
                 })
             })
             .collect();
+        // The first copy runs alone: qcow-lite switches an image reopened
+        // read-write to its writable state on the first write, and concurrent
+        // first writes can still see the read-only image.
+        let mut width = 1;
         while !chunks.is_empty() {
             ctx.pause_point();
             if ctx.is_cancelled() {
                 return Ok(());
             }
-            let batch: Vec<(u64, u64)> = (0..IN_FLIGHT).map_while(|_| chunks.pop_front()).collect();
+            let batch: Vec<(u64, u64)> = (0..width).map_while(|_| chunks.pop_front()).collect();
+            width = IN_FLIGHT;
             ctx.throttle(batch.iter().map(|c| c.1).sum());
             let (top, base) = (&self.top, &self.base);
             let results: Vec<_> = std::thread::scope(|s| {

@@ -51,6 +51,8 @@ pub(crate) fn read_only_data_nodes(node: &NodeRef) -> Vec<NodeRef> {
         }
         out.push(n);
     }
+    // children first: a format driver's reopen looks at its file child
+    out.reverse();
     out
 }
 
