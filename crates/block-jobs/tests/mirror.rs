@@ -462,3 +462,40 @@ proptest! {
         prop_assert!(!g.node_names().iter().any(|n| n.starts_with('#')));
     }
 }
+
+/// A real job under a 10 MiB/s limit moves 10 MiB/s ± 10% over 3 s.
+#[test]
+fn mirror_speed_limit_10mib() {
+    let g = Graph::new();
+    let size = 64 << 20;
+    let src = mem(&g, "src", size, None);
+    let mut off = 0;
+    while off < size {
+        src.write(off, &[0x11; 4096], WriteFlags::default())
+            .unwrap();
+        off += CS;
+    }
+    let dst = mem(&g, "dst", size, None);
+    let m = JobManager::new();
+    let t0 = std::time::Instant::now();
+    let mj = MirrorJob::start(
+        &m,
+        &g,
+        &src,
+        &dst,
+        MirrorOptions {
+            job: JobOptions {
+                speed: 10 << 20,
+                ..JobOptions::with_id("slow")
+            },
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    std::thread::sleep(Duration::from_secs(3));
+    let moved = mj.job().progress().0 as f64;
+    let rate = moved / t0.elapsed().as_secs_f64() / (1 << 20) as f64;
+    mj.job().cancel(true).unwrap();
+    mj.job().wait();
+    assert!((9.0..=11.0).contains(&rate), "rate {rate:.2} MiB/s");
+}
