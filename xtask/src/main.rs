@@ -6,6 +6,7 @@
 //!   `prop_*`) in release mode with `PROPTEST_CASES=N`.
 
 mod bench;
+mod fuzz;
 
 use std::env;
 use std::path::PathBuf;
@@ -19,9 +20,11 @@ tasks:
                         then cargo test --workspace; stops at the first failure
   proptest [--cases N]  run the property tests (fns named prop_*) in release mode
                         with PROPTEST_CASES=N (default 2000)
-  bench [--quick] [--no-criterion] [--reps N]
+  bench [--quick] [--no-criterion] [--reps N] [--only 1,2,3,5]
                         criterion benches of every crate, then ours vs QEMU's tools
                         side by side; writes BENCHMARKS.md
+  fuzz [--minutes N] [--target NAME]...
+                        run each cargo-fuzz target of fuzz/ for N minutes (default 10)
   help                  show this message
 ";
 
@@ -73,6 +76,7 @@ fn main() -> ExitCode {
             )
         }),
         "bench" => bench::run(&workspace_root(), rest),
+        "fuzz" => fuzz::run(&workspace_root(), rest),
         "help" | "-h" | "--help" => {
             print!("{USAGE}");
             Ok(())
