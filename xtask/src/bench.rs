@@ -99,6 +99,8 @@ struct Report {
     rows: Vec<Row>,
     missing: Vec<Missing>,
     versions: Vec<String>,
+    /// Lines of the perf-guard test (instructions per operation).
+    guard: Vec<String>,
 }
 
 /// Entry point of `cargo xtask bench`.
@@ -201,6 +203,37 @@ pub fn run(root: &Path, rest: &[String]) -> Result<(), String> {
     }
     not_measured(&mut missing);
 
+    eprintln!("xtask bench: cargo test -p perf-guard --test guard (callgrind counts)");
+    let guard = Command::new(&cargo)
+        .args([
+            "test",
+            "-p",
+            "perf-guard",
+            "--test",
+            "guard",
+            "--",
+            "--nocapture",
+            "hot_path",
+        ])
+        .current_dir(root)
+        .output()
+        .map(|o| {
+            let text = String::from_utf8_lossy(&o.stderr).to_string()
+                + &String::from_utf8_lossy(&o.stdout);
+            let mut lines: Vec<String> = text
+                .lines()
+                .filter(|l| l.starts_with("perf-guard: "))
+                .map(|l| l.trim_start_matches("perf-guard: ").to_string())
+                .collect();
+            lines.push(if o.status.success() {
+                "guard test passed".into()
+            } else {
+                format!("guard test FAILED ({})", o.status)
+            });
+            lines
+        })
+        .unwrap_or_else(|e| vec![format!("could not run the guard: {e}")]);
+
     let versions = vec![
         sh_out("qemu-img", &["--version"])
             .unwrap_or_default()
@@ -228,6 +261,7 @@ pub fn run(root: &Path, rest: &[String]) -> Result<(), String> {
         rows,
         missing,
         versions,
+        guard,
     };
     let md = render(&report);
     let out = root.join("BENCHMARKS.md");
@@ -1278,7 +1312,16 @@ fn render(r: &Report) -> String {
         s,
         "Not a timing: `cargo test -p perf-guard` (part of `cargo test --workspace`) counts \
          the instructions of the hot paths under `valgrind --tool=callgrind` and fails when \
-         one grows more than 10% over `crates/perf-guard/baseline.txt`. See that crate's docs."
+         one grows more than 10% over `crates/perf-guard/baseline.txt`. See that crate's docs. \
+         This run (`cargo test -p perf-guard --test guard -- --nocapture hot_path`), \
+         instructions per operation:\n"
     );
+    for l in &r.guard {
+        let _ = writeln!(s, "- {l}");
+    }
+    let notes = include_str!("bench/notes.md");
+    if !notes.trim().is_empty() {
+        let _ = writeln!(s, "\n{}", notes.trim_end());
+    }
     s
 }
