@@ -7,7 +7,6 @@
 
 mod bench;
 mod fuzz;
-mod fuzz;
 
 use std::env;
 use std::path::PathBuf;
@@ -24,8 +23,6 @@ tasks:
   bench [--quick] [--no-criterion] [--reps N] [--only 1,2,3,5]
                         criterion benches of every crate, then ours vs QEMU's tools
                         side by side; writes BENCHMARKS.md
-  fuzz [--minutes N] [--target NAME]...
-                        run each cargo-fuzz target of fuzz/ for N minutes (default 10)
   fuzz [--minutes N] [--target NAME]...
                         run each cargo-fuzz target of fuzz/ for N minutes (default 10)
   help                  show this message
@@ -79,7 +76,6 @@ fn main() -> ExitCode {
             )
         }),
         "bench" => bench::run(&workspace_root(), rest),
-        "fuzz" => fuzz::run(&workspace_root(), rest),
         "fuzz" => fuzz::run(&workspace_root(), rest),
         "help" | "-h" | "--help" => {
             print!("{USAGE}");
