@@ -311,6 +311,8 @@ struct Demo<'a> {
     sec_states: StateRegistry,
     sec_side: Arc<SecondarySide>,
     // Figures.
+    /// The checkpoint stream buffer, reused (no fresh pages per checkpoint).
+    stream: Vec<u8>,
     pauses: Vec<Duration>,
     verify_times: Vec<Duration>,
     shipped: u64,
@@ -408,6 +410,7 @@ impl Demo<'_> {
             pri_states,
             sec_states,
             sec_side,
+            stream: Vec::new(),
             pauses: Vec::new(),
             verify_times: Vec::new(),
             shipped: 0,
@@ -635,7 +638,8 @@ impl Demo<'_> {
         touched.sort_unstable();
         touched.dedup();
         // Ship the primary guest's state to the secondary.
-        let mut stream = Vec::new();
+        let mut stream = std::mem::take(&mut self.stream);
+        stream.clear();
         self.pri_states
             .save(&mut stream)
             .map_err(|source| DemoError::State { epoch, source })?;
@@ -643,6 +647,8 @@ impl Demo<'_> {
             .load(&mut stream.as_slice())
             .map_err(|source| DemoError::State { epoch, source })?;
         self.shipped += stream.len() as u64;
+        let stream_len = stream.len();
+        self.stream = stream;
         let t_shipped = Instant::now();
         self.pq()?.run("xen-colo-do-checkpoint", json!({}))?;
         let t1 = Instant::now();
@@ -722,7 +728,7 @@ impl Demo<'_> {
                 "checkpoint {epoch}: park {:.2} ms, ship {} B {:.2} ms, primary {:.2} ms, \
                  status {:.2} ms, secondary {:.2} ms, verify {:.2} ms",
                 ms(t0, t_parked),
-                stream.len(),
+                stream_len,
                 ms(t_parked, t_shipped),
                 ms(t_shipped, t1),
                 ms(t1, t2),
