@@ -894,11 +894,13 @@ impl Node {
     }
 
     /// Changes the node's length (serialised against every request past the
-    /// smaller of the old and new lengths).
+    /// smaller of the old and new lengths). Fails with [`ErrorKind::Busy`] and
+    /// the blocker's reason while [`BlockOp::Resize`] is blocked on this node.
     pub fn truncate(&self, new_len: u64) -> Result<()> {
         if self.is_removed() {
             return Err(self.removed_error("truncate"));
         }
+        self.check_op(BlockOp::Resize)?;
         self.check_writable("truncate")?;
         let old = self.len();
         let r = self.begin(old.min(new_len), u64::MAX, true).and_then(|_g| {

@@ -303,6 +303,35 @@ fn op_blockers() {
 }
 
 #[test]
+fn blocked_resize_refuses_truncate() {
+    let g = Graph::new();
+    let n = mem(&g, "n", 4096);
+    w(&n, 0, b"keep");
+    let guard = n.block_op(BlockOp::Resize, "resize blocked by replication");
+    let e = n.truncate(8192).unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::Busy);
+    assert_eq!(e.node(), Some("n"));
+    assert!(e.to_string().contains("resize blocked by replication"), "{e}");
+    assert_eq!(n.len(), 4096, "a refused truncate changes nothing");
+    // Also through a backend, and with block_all.
+    let be = g.new_backend(&n, PermPair::READ_WRITE).unwrap();
+    assert_eq!(be.truncate(2048).unwrap_err().kind(), ErrorKind::Busy);
+    drop(guard);
+    let all = n.block_all("everything blocked");
+    assert!(n
+        .truncate(2048)
+        .unwrap_err()
+        .to_string()
+        .contains("everything blocked"));
+    all.unblock(BlockOp::Resize);
+    n.truncate(8192).unwrap();
+    assert_eq!(n.len(), 8192);
+    let mut buf = [0u8; 4];
+    n.read(0, &mut buf).unwrap();
+    assert_eq!(&buf, b"keep");
+}
+
+#[test]
 fn permission_conflicts_name_the_users() {
     let g = Graph::new();
     mem(&g, "f", 4096);
@@ -1071,3 +1100,4 @@ fn each_permission_conflict_is_named_and_a_refused_replace_changes_nothing() {
     assert!(Arc::ptr_eq(&be.node(), &old));
     assert!(old.has_backend() && !new.has_backend());
 }
+
