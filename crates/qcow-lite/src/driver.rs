@@ -231,17 +231,18 @@ impl Qcow2Driver {
     }
 
     /// The image for a request that changes it: reopens writable after a reopen to read-write.
+    ///
+    /// The switch is lazy and done once, under `want_rw`: the image is read
+    /// again under that lock, so a writer that queued behind the one doing the
+    /// switch gets the new writable image, not the read-only one it saw first.
     fn enter_rw(&self, node: &Node) -> Result<Arc<Qcow2<Arc<ChildStorage>>>> {
         let img = self.enter(node)?;
         if !img.is_read_only() {
             return Ok(img);
         }
         let mut want = self.want_rw.lock();
-        if !*want {
-            return Ok(img);
-        }
         let cur = self.img.read().clone();
-        if !cur.is_read_only() {
+        if !*want || !cur.is_read_only() {
             return Ok(cur);
         }
         let opts = OpenOptions {

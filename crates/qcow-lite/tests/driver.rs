@@ -210,3 +210,49 @@ fn missing_backing_file_is_a_clear_error() {
         g.node_names()
     );
 }
+
+/// Many threads writing at the same moment right after a reopen to read-write
+/// must all see the writable image (the switch is lazy, at the first write,
+/// and a thread that lost the race used to keep the stale read-only image).
+#[test]
+fn concurrent_writes_right_after_reopen_read_write() {
+    let dir = tempfile::tempdir().unwrap();
+    let top = dir.path().join("race.qcow2");
+    let cs = 65536u64;
+    let threads = 8u64;
+    create(&top, threads * cs, cs, None);
+    let g = graph();
+    let n = g
+        .add_node(&json!({"driver": "qcow2", "node-name": "race",
+            "file": {"driver": "file", "filename": top.to_str().unwrap()}}))
+        .unwrap();
+    for round in 0..40u8 {
+        g.reopen(&[(n.clone(), ReopenOpts { read_only: true })])
+            .unwrap();
+        g.reopen(&[(n.clone(), ReopenOpts { read_only: false })])
+            .unwrap();
+        let barrier = std::sync::Barrier::new(threads as usize);
+        std::thread::scope(|s| {
+            for t in 0..threads {
+                let (n, barrier) = (&n, &barrier);
+                s.spawn(move || {
+                    barrier.wait();
+                    n.write(
+                        t * cs + 512,
+                        &[round ^ t as u8; 4096],
+                        WriteFlags::default(),
+                    )
+                    .unwrap_or_else(|e| panic!("round {round} thread {t}: {e}"));
+                });
+            }
+        });
+        for t in 0..threads {
+            let mut b = vec![0u8; 4096];
+            n.read(t * cs + 512, &mut b).unwrap();
+            assert_eq!(b, vec![round ^ t as u8; 4096], "round {round} thread {t}");
+        }
+    }
+    drop(n);
+    g.remove_node("race").unwrap();
+    assert_qemu_check_clean(&top);
+}
