@@ -258,6 +258,13 @@ pub trait Driver: AsAny + Send + Sync + 'static {
         Err(not_supported(node, "make_empty"))
     }
 
+    /// True if [`Driver::make_empty`] is implemented, so a caller (the
+    /// replication filter checking its active and hidden disks) can ask before
+    /// relying on it. Default: false; override together with `make_empty`.
+    fn supports_make_empty(&self) -> bool {
+        false
+    }
+
     /// True if this node passes data through to its [`Driver::filtered_child`] unchanged.
     fn is_filter(&self) -> bool {
         false

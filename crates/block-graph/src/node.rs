@@ -910,6 +910,12 @@ impl Node {
         self.finish(r, "truncate", new_len, 0)
     }
 
+    /// True if this node's driver implements [`Node::make_empty`]
+    /// ([`Driver::supports_make_empty`]).
+    pub fn supports_make_empty(&self) -> bool {
+        self.driver.supports_make_empty()
+    }
+
     /// Drops all content of this layer (reads then come from the backing), as
     /// the replication checkpoint needs. Serialised against every request.
     pub fn make_empty(&self) -> Result<()> {

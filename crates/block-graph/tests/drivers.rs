@@ -174,6 +174,8 @@ fn memory_block_status_make_empty_truncate() {
     assert_eq!(st(0, 4096), (Mapping::Zero, 4096));
     // make_empty: everything comes from the backing again; cost follows allocation.
     let md = top.driver_as::<MemoryDriver>().unwrap();
+    assert!(top.supports_make_empty());
+    assert!(md.supports_make_empty());
     assert_eq!(md.allocated_clusters(), 4);
     top.make_empty().unwrap();
     assert_eq!(md.allocated_clusters(), 0);

@@ -549,6 +549,7 @@ fn unaligned_requests_are_padded_for_the_driver() {
         ErrorKind::NotSupported
     );
     assert_eq!(n.make_empty().unwrap_err().kind(), ErrorKind::NotSupported);
+    assert!(!n.supports_make_empty(), "the default says no make_empty");
 }
 
 #[test]

@@ -350,6 +350,10 @@ impl Driver for Qcow2Driver {
             .map_err(|e| conv(e, node.name()))
     }
 
+    fn supports_make_empty(&self) -> bool {
+        true
+    }
+
     fn close(&self, node: &Node) {
         if let Some(f) = node.file() {
             self.storage.bind(&f);

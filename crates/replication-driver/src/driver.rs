@@ -33,10 +33,6 @@ pub(crate) const CBW_CLUSTER: u64 = 64 * 1024;
 /// How long closing a node waits for a cancelled failover commit.
 const CLOSE_WAIT: Duration = Duration::from_secs(10);
 
-/// Drivers known to implement `make_empty` (block-graph has no capability
-/// query; see the crate docs).
-pub const MAKE_EMPTY_DRIVERS: [&str; 2] = ["memory", "qcow2"];
-
 /// What a running secondary holds.
 pub(crate) struct Running {
     pub(crate) active: NodeRef,
@@ -261,7 +257,7 @@ impl Shared {
             ));
         }
         for d in [&active, &hidden] {
-            if !MAKE_EMPTY_DRIVERS.contains(&d.driver_name()) {
+            if !d.supports_make_empty() {
                 return Err(self.err(
                     ErrorKind::BadChain,
                     format!(

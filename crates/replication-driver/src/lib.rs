@@ -98,9 +98,9 @@
 //!   the jobs' clean-up needs that lock: close removes the backup filter
 //!   itself, cancels the jobs and waits until they stopped copying; their
 //!   remaining clean-up runs once the lock is free.
-//! * block-graph has no way to ask a driver whether it implements
-//!   `make_empty`; drivers in [`MAKE_EMPTY_DRIVERS`] are accepted as active
-//!   and hidden disks.
+//! * Active and hidden disks must answer `Node::supports_make_empty()`
+//!   with true (block-graph's capability query; `memory` and qcow-lite's
+//!   `qcow2` do).
 
 mod driver;
 mod error;
@@ -115,7 +115,7 @@ use block_graph::{Graph, Node, OpenContext};
 use block_jobs::{Job, JobManager};
 use replication_core::{Registry, ReplicationMode, StateRegistry};
 
-pub use driver::{ReplicationDriver, HIDDEN_ROLE, MAKE_EMPTY_DRIVERS, SECONDARY_ROLE};
+pub use driver::{ReplicationDriver, HIDDEN_ROLE, SECONDARY_ROLE};
 pub use error::{Error, ErrorKind, Result};
 pub use stack::{
     build_primary_stack, build_secondary_stack, PrimaryStack, PrimaryStackOptions, SecondaryStack,

@@ -342,6 +342,10 @@ impl Driver for MemoryDriver {
         Ok(())
     }
 
+    fn supports_make_empty(&self) -> bool {
+        true
+    }
+
     fn request_alignment(&self) -> u64 {
         self.align
     }
