@@ -128,6 +128,8 @@ pub fn run(root: &Path, rest: &[String]) -> Result<(), String> {
         } else {
             cmd.env("RUSTC_BOOTSTRAP", "1");
         }
+        // Always fuzz/target: the instrumented build differs from every other.
+        cmd.env_remove("CARGO_TARGET_DIR");
         cmd.args(["fuzz", "run", "--fuzz-dir", "fuzz", t])
             .arg(&corpus)
             .arg(root.join("fuzz/corpus").join(t))

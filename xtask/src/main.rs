@@ -6,7 +6,9 @@
 //!   `prop_*`) in release mode with `PROPTEST_CASES=N`.
 
 mod bench;
+mod crash;
 mod fuzz;
+mod soak;
 
 use std::env;
 use std::path::PathBuf;
@@ -25,6 +27,11 @@ tasks:
                         side by side; writes BENCHMARKS.md
   fuzz [--minutes N] [--target NAME]...
                         run each cargo-fuzz target of fuzz/ for N minutes (default 10)
+  crash [--runs N] [--seed S]
+                        kill -9 either daemon at N random points (default 200) while a
+                        writer writes and flushes; check images and acknowledged data
+  soak [--minutes N] [--seed S]
+                        loop `blockrep demo` with random seeds and options (default 30 min)
   help                  show this message
 ";
 
@@ -77,6 +84,8 @@ fn main() -> ExitCode {
         }),
         "bench" => bench::run(&workspace_root(), rest),
         "fuzz" => fuzz::run(&workspace_root(), rest),
+        "crash" => crash::run(&workspace_root(), rest),
+        "soak" => soak::run(&workspace_root(), rest),
         "help" | "-h" | "--help" => {
             print!("{USAGE}");
             Ok(())
