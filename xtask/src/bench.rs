@@ -924,7 +924,7 @@ impl Harness {
     fn checkpoint(&self, pauses: &mut Vec<Pause>) -> Result<(), String> {
         let rounds = if self.quick { 5 } else { 20 };
         let cases: &[(u64, &str, u64)] = if self.quick {
-            &[(1024 * MIB, "1 GiB", 10), (1024 * MIB, "1 GiB", 1000)]
+            &[(1024 * MIB, "1 GiB", 10), (1024 * MIB, "1 GiB", 100)]
         } else {
             &[
                 (1024 * MIB, "1 GiB", 10),
@@ -982,7 +982,7 @@ impl Harness {
     /// copying the same amount sequentially (conv=fsync).
     fn failover(&self, rows: &mut Vec<Row>) -> Result<(), String> {
         let sizes: &[u64] = if self.quick {
-            &[64 * MIB]
+            &[16 * MIB]
         } else {
             &[64 * MIB, 1024 * MIB]
         };
