@@ -17,6 +17,18 @@ pub(crate) const EXT_DATA_FILE: u32 = 0x4441_5441;
 pub(crate) const EXT_CRYPTO: u32 = 0x0537_BE77;
 
 /// QEMU's limits: 32 MiB of L1 table, 8 MiB of refcount table.
+/// The sector whose writes are assumed atomic (as `storage::CRASH_SECTOR`).
+const SECTOR: usize = 512;
+
+/// The writes of a backing-file change (see [`Header::backing_update`]).
+#[derive(Debug)]
+pub struct BackingUpdate {
+    /// Header, extensions and end marker, written at offset 0 last.
+    pub prefix: Vec<u8>,
+    /// The new name and its offset in cluster 0, written (and flushed) first.
+    pub name: Option<(u64, Vec<u8>)>,
+}
+
 pub(crate) const MAX_L1_BYTES: u64 = 32 << 20;
 pub(crate) const MAX_REFTABLE_BYTES: u64 = 8 << 20;
 /// QEMU refuses images larger than this many bytes of virtual size (2^55 - 1... we use 2^61).
@@ -267,55 +279,93 @@ impl Header {
         self.raw[off..off + 4].copy_from_slice(&v.to_be_bytes());
     }
 
-    /// The header area with a new backing file name and format (or none),
-    /// keeping every other extension. Fails when it does not fit in cluster 0.
-    pub fn with_backing(&self, name: Option<&str>, fmt: Option<&str>) -> Result<Vec<u8>> {
+    /// The cluster-0 writes that record a new backing name and format (or
+    /// none), laid out for a crash-safe update: the name goes where no byte
+    /// of the current header, extensions or name lives, so it can be written
+    /// and flushed first; then `prefix` (header, extensions, end marker,
+    /// pointing at the new name) is the commit. When the prefix fits in one
+    /// 512-byte sector that commit is a single sector write (the feature-name
+    /// table, optional and informational, is left out when that makes it
+    /// fit).
+    pub fn backing_update(&self, name: Option<&str>, fmt: Option<&str>) -> Result<BackingUpdate> {
         let hl = self.header_length as usize;
         let mut exts: Vec<(u32, Vec<u8>)> = Vec::new();
         let mut pos = hl;
+        let mut old_prefix_end = hl;
         while pos + 8 <= self.raw.len() {
             let ty = be32(&self.raw, pos);
             let len = be32(&self.raw, pos + 4) as usize;
-            if ty == EXT_END || pos + 8 + len > self.raw.len() {
+            if ty == EXT_END {
+                old_prefix_end = pos + 8;
+                break;
+            }
+            if pos + 8 + len > self.raw.len() {
                 break;
             }
             if ty != EXT_BACKING_FORMAT {
                 exts.push((ty, self.raw[pos + 8..pos + 8 + len].to_vec()));
             }
             pos += 8 + len.div_ceil(8) * 8;
+            old_prefix_end = pos;
         }
         if let (Some(_), Some(f)) = (name, fmt) {
             exts.insert(0, (EXT_BACKING_FORMAT, f.as_bytes().to_vec()));
         }
-        let mut b = self.raw[..hl].to_vec();
-        for (ty, data) in exts {
-            b.extend_from_slice(&ty.to_be_bytes());
-            b.extend_from_slice(&(data.len() as u32).to_be_bytes());
-            b.extend_from_slice(&data);
-            while b.len() % 8 != 0 {
-                b.push(0);
+        let build = |skip_table: bool| {
+            let mut b = self.raw[..hl].to_vec();
+            for (ty, data) in &exts {
+                if skip_table && *ty == EXT_FEATURE_TABLE {
+                    continue;
+                }
+                b.extend_from_slice(&ty.to_be_bytes());
+                b.extend_from_slice(&(data.len() as u32).to_be_bytes());
+                b.extend_from_slice(data);
+                while b.len() % 8 != 0 {
+                    b.push(0);
+                }
+            }
+            b.extend_from_slice(&[0u8; 8]);
+            b
+        };
+        let mut prefix = build(false);
+        if prefix.len() > SECTOR {
+            let smaller = build(true);
+            if smaller.len() <= SECTOR {
+                prefix = smaller;
             }
         }
-        b.extend_from_slice(&[0u8; 8]);
-        let (off, size) = match name {
+        let cs = self.cluster_size() as usize;
+        let name = match name {
             Some(n) => {
                 if n.is_empty() || n.len() > 1023 {
                     return Err(invalid("backing file name must have 1..=1023 bytes"));
                 }
-                let off = b.len() as u64;
-                b.extend_from_slice(n.as_bytes());
-                (off, n.len() as u32)
+                let len = n.len();
+                let (old_off, old_end) = match self.backing_file_offset {
+                    0 => (0, 0),
+                    o => (o as usize, o as usize + self.backing_file_size as usize),
+                };
+                let mut at = prefix.len().max(old_prefix_end).next_multiple_of(8);
+                if at < old_end && at + len > old_off {
+                    at = old_end.next_multiple_of(8);
+                }
+                if at + len > cs {
+                    // No free room: write it compactly, not crash-safely.
+                    at = prefix.len();
+                }
+                Some((at as u64, n.as_bytes().to_vec()))
             }
-            None => (0, 0),
+            None => None,
         };
-        b[8..16].copy_from_slice(&off.to_be_bytes());
-        b[16..20].copy_from_slice(&size.to_be_bytes());
-        if b.len() as u64 > self.cluster_size() {
+        let (off, size) = name.as_ref().map_or((0, 0), |(o, n)| (*o, n.len() as u32));
+        prefix[8..16].copy_from_slice(&off.to_be_bytes());
+        prefix[16..20].copy_from_slice(&size.to_be_bytes());
+        if prefix.len() > cs || off as usize + size as usize > cs {
             return Err(invalid(
                 "header extensions and backing name do not fit in cluster 0",
             ));
         }
-        Ok(b)
+        Ok(BackingUpdate { prefix, name })
     }
 
     /// Copy the parsed fields we may change into the raw bytes.

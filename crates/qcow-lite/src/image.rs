@@ -1411,26 +1411,36 @@ impl<S: Storage> Qcow2<S> {
 
     /// Record a new backing file name and format in the header (or none),
     /// e.g. after a commit or stream job changed the chain.
+    ///
+    /// Crash-safe: the new name is written into free bytes of cluster 0 and
+    /// flushed, then the header and extensions pointing at it are written in
+    /// one sector and flushed, so a power loss leaves either the old or the
+    /// new backing. (Only when the header and its extensions, without the
+    /// optional feature-name table, exceed 512 bytes, or cluster 0 has no free
+    /// room for the name, is the header write not a single sector.)
     pub fn set_backing_file(&self, name: Option<&str>, format: Option<&str>) -> Result<()> {
         self.check_writable()?;
         let mut m = self.meta.lock();
         self.flush_locked(&mut m, false)?;
         m.h.sync_raw();
-        let new =
-            m.h.with_backing(name, format)
+        let up =
+            m.h.backing_update(name, format)
                 .map_err(|e| Error::new(ErrorKind::InvalidArgument, e.context().to_string()))?;
-        let mut parsed = Header::parse(&{
-            let mut b = new.clone();
-            b.resize(self.cs() as usize, 0);
-            b
-        })?;
-        let old_len = m.h.raw.len();
-        let mut out = new;
-        parsed.raw = out.clone();
-        if out.len() < old_len {
-            out.resize(old_len, 0);
+        let mut raw = m.h.raw.clone();
+        let name_end = up.name.as_ref().map_or(0, |(o, n)| *o as usize + n.len());
+        raw.resize(raw.len().max(up.prefix.len()).max(name_end), 0);
+        if let Some((off, bytes)) = &up.name {
+            raw[*off as usize..*off as usize + bytes.len()].copy_from_slice(bytes);
         }
-        self.swrite(&mut m, &out, 0, "header write")?;
+        raw[..up.prefix.len()].copy_from_slice(&up.prefix);
+        let mut padded = raw;
+        padded.resize(self.cs() as usize, 0);
+        let parsed = Header::parse(&padded)?;
+        if let Some((off, bytes)) = &up.name {
+            self.swrite(&mut m, bytes, *off, "backing name write")?;
+            self.sflush()?;
+        }
+        self.swrite(&mut m, &up.prefix, 0, "header write")?;
         self.sflush()?;
         m.h.backing_file = parsed.backing_file;
         m.h.backing_format = parsed.backing_format;

@@ -256,3 +256,39 @@ fn concurrent_writes_right_after_reopen_read_write() {
     g.remove_node("race").unwrap();
     assert_qemu_check_clean(&top);
 }
+
+/// `Driver::change_backing_file` on a qcow2 node (what a commit job with a
+/// `backing_file` option calls) rewrites the header; `qemu-img info` and a
+/// new graph read the new name and format back.
+#[test]
+fn change_backing_file_through_the_driver_is_read_by_qemu() {
+    let dir = tempfile::tempdir().unwrap();
+    let size = 1u64 << 20;
+    std::fs::write(dir.path().join("old.raw"), vec![1u8; size as usize]).unwrap();
+    std::fs::write(dir.path().join("new.raw"), vec![2u8; size as usize]).unwrap();
+    let top = dir.path().join("top.qcow2");
+    create(&top, size, 65536, Some(("old.raw", "raw")));
+    let g = graph();
+    let n = g
+        .add_node(&json!({"driver": "qcow2", "node-name": "top",
+            "file": {"driver": "file", "filename": top.to_str().unwrap()}}))
+        .unwrap();
+    n.driver()
+        .change_backing_file(&n, Some("new.raw"), Some("raw"))
+        .unwrap();
+    drop(n);
+    g.remove_node("top").unwrap();
+    let (c, out, err) = qemu_img(&["info", "--output=json", top.to_str().unwrap()]);
+    assert_eq!(c, 0, "{err}");
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(v["backing-filename"].as_str(), Some("new.raw"), "{out}");
+    assert_eq!(v["backing-filename-format"].as_str(), Some("raw"), "{out}");
+    assert_qemu_check_clean(&top);
+    let n = g
+        .add_node(&json!({"driver": "qcow2", "node-name": "top2",
+            "file": {"driver": "file", "filename": top.to_str().unwrap()}}))
+        .unwrap();
+    let mut b = [0u8; 16];
+    n.read(4096, &mut b).unwrap();
+    assert_eq!(b, [2u8; 16], "reads come from the new backing");
+}

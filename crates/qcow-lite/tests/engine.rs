@@ -6,7 +6,8 @@ mod common;
 
 use common::*;
 use qcow_lite::{
-    CreateOptions, Mapping, MemStorage, OpenOptions, Preallocation, Qcow2, Rng, Storage,
+    CrashStorage, CreateOptions, Mapping, MemStorage, OpenOptions, Preallocation, Qcow2, Rng,
+    Storage,
 };
 use std::fs::OpenOptions as FsOpen;
 use std::sync::Arc;
@@ -383,4 +384,61 @@ fn unknown_extensions_survive_and_autoclear_bits_are_cleared() {
     let img = Qcow2::open(st, true).unwrap();
     assert_eq!(img.size(), 4 << 20);
     assert!(img.check().unwrap().is_clean());
+}
+
+/// A power loss at any point of `set_backing_file` (every operation count,
+/// random subsets of the unflushed sectors kept) leaves the old or the new
+/// backing name and format, never a mix, and a clean image.
+#[test]
+fn set_backing_file_is_crash_safe() {
+    let st = Arc::new(MemStorage::new());
+    let img = Qcow2::create(
+        st.clone(),
+        &CreateOptions {
+            size: 1 << 20,
+            backing_file: Some("old-base.raw".into()),
+            backing_format: Some("raw".into()),
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    img.close().unwrap();
+    drop(img);
+    let base = st.to_vec();
+    let changes: [(Option<&str>, Option<&str>); 3] = [
+        (
+            Some("a-much-longer-new-backing-file-name.qcow2"),
+            Some("qcow2"),
+        ),
+        (Some("n.raw"), None),
+        (None, None),
+    ];
+    let old = (Some("old-base.raw".to_string()), Some("raw".to_string()));
+    let mut rng = Rng::new(7);
+    let mut seen_new = 0;
+    for (name, fmt) in changes {
+        let new = (name.map(String::from), fmt.map(String::from));
+        for n in 0..12u64 {
+            for _ in 0..20 {
+                let cs = Arc::new(CrashStorage::new(base.clone()));
+                let img = Qcow2::open(cs.clone(), false).unwrap();
+                cs.fail_after(Some(n));
+                let done = img.set_backing_file(name, fmt).is_ok();
+                drop(img);
+                let after = MemStorage::from_vec(cs.crash(Some(&mut rng)));
+                let img = Qcow2::open(after, false).unwrap();
+                let got = (img.backing_file(), img.backing_format());
+                assert!(got == old || got == new, "after {n} ops: {got:?}");
+                if done {
+                    // Flushed before returning: must be the new one.
+                    assert_eq!(got, new, "after {n} ops");
+                }
+                if got == new {
+                    seen_new += 1;
+                }
+                assert!(img.check().unwrap().is_clean());
+            }
+        }
+    }
+    assert!(seen_new > 0);
 }
