@@ -433,7 +433,7 @@ impl Node {
         let id = self.next_blocker.fetch_add(1, Ordering::Relaxed);
         self.blockers.lock().push(Blocker { id, mask, reason });
         BlockerGuard {
-            node: self.clone(),
+            node: Arc::downgrade(self),
             id,
         }
     }
@@ -969,33 +969,38 @@ impl Drop for SerialGuard {
 }
 
 /// Returned by [`Node::block_all`] and [`Node::block_op`]; unblocks when dropped.
+///
+/// Holds only a weak reference: a blocker does not keep its node alive (a
+/// job or filter holding a blocker on the top node must not stop that node
+/// from being closed when the graph and its users let go of it). Unblocking a
+/// node that is already gone does nothing.
 pub struct BlockerGuard {
-    node: NodeRef,
+    node: Weak<Node>,
     id: u64,
 }
 
 impl BlockerGuard {
-    /// Lets `op` through this blocker again (QEMU's `bdrv_op_unblock`).
+    /// Lets `op` through this blocker again (QEMU's `bdrv_op_unblock`). Does
+    /// nothing once the node is gone.
     pub fn unblock(&self, op: BlockOp) {
-        if let Some(b) = self
-            .node
-            .blockers
-            .lock()
-            .iter_mut()
-            .find(|b| b.id == self.id)
-        {
+        let Some(node) = self.node.upgrade() else {
+            return;
+        };
+        if let Some(b) = node.blockers.lock().iter_mut().find(|b| b.id == self.id) {
             b.mask &= !op.bit();
-        }
+        };
     }
 
-    /// The node this blocker is on.
-    pub fn node(&self) -> &NodeRef {
-        &self.node
+    /// The node this blocker is on, while it is alive.
+    pub fn node(&self) -> Option<NodeRef> {
+        self.node.upgrade()
     }
 }
 
 impl Drop for BlockerGuard {
     fn drop(&mut self) {
-        self.node.blockers.lock().retain(|b| b.id != self.id);
+        if let Some(node) = self.node.upgrade() {
+            node.blockers.lock().retain(|b| b.id != self.id);
+        }
     }
 }

@@ -311,7 +311,10 @@ fn blocked_resize_refuses_truncate() {
     let e = n.truncate(8192).unwrap_err();
     assert_eq!(e.kind(), ErrorKind::Busy);
     assert_eq!(e.node(), Some("n"));
-    assert!(e.to_string().contains("resize blocked by replication"), "{e}");
+    assert!(
+        e.to_string().contains("resize blocked by replication"),
+        "{e}"
+    );
     assert_eq!(n.len(), 4096, "a refused truncate changes nothing");
     // Also through a backend, and with block_all.
     let be = g.new_backend(&n, PermPair::READ_WRITE).unwrap();
@@ -1102,3 +1105,72 @@ fn each_permission_conflict_is_named_and_a_refused_replace_changes_nothing() {
     assert!(old.has_backend() && !new.has_backend());
 }
 
+/// A filter whose close records that it ran (and whether its file child was
+/// still attached then).
+struct CloseFlag {
+    closed: Arc<AtomicBool>,
+    had_child: Arc<AtomicBool>,
+}
+
+impl Driver for CloseFlag {
+    fn format_name(&self) -> &str {
+        "closeflag"
+    }
+    fn length(&self, node: &Node) -> Result<u64> {
+        Ok(node.file().map_or(0, |f| f.len()))
+    }
+    fn read(&self, node: &Node, off: u64, buf: &mut [u8]) -> Result<()> {
+        node.file().expect("file child").read(off, buf)
+    }
+    fn is_filter(&self) -> bool {
+        true
+    }
+    fn close(&self, node: &Node) {
+        self.had_child
+            .store(node.file().is_some(), Ordering::SeqCst);
+        self.closed.store(true, Ordering::SeqCst);
+    }
+}
+
+fn closeflag_graph() -> (Graph, Arc<AtomicBool>, Arc<AtomicBool>) {
+    let g = Graph::new();
+    let closed = Arc::new(AtomicBool::new(false));
+    let had_child = Arc::new(AtomicBool::new(false));
+    let (c2, h2) = (closed.clone(), had_child.clone());
+    g.register_driver("closeflag", move |ctx| {
+        ctx.open_child("file", Role::File, true)?;
+        Ok(Box::new(CloseFlag {
+            closed: c2.clone(),
+            had_child: h2.clone(),
+        }))
+    });
+    (g, closed, had_child)
+}
+
+#[test]
+fn a_held_blocker_does_not_keep_its_node_alive() {
+    let (g, closed, _) = closeflag_graph();
+    mem(&g, "disk", 4096);
+    let top = g
+        .add_node(&json!({"driver": "closeflag", "node-name": "top", "file": "disk"}))
+        .unwrap();
+    let guard = top.block_all("top node of replication");
+    assert!(Arc::ptr_eq(&guard.node().unwrap(), &top));
+    assert!(top.is_op_blocked(BlockOp::Resize));
+    let weak = Arc::downgrade(&top);
+    drop(top);
+    assert!(
+        !closed.load(Ordering::SeqCst),
+        "the graph still holds the node"
+    );
+    drop(g);
+    assert!(
+        closed.load(Ordering::SeqCst),
+        "dropping the graph closes the node even with a blocker held"
+    );
+    assert!(weak.upgrade().is_none());
+    assert!(guard.node().is_none());
+    // Unblocking or dropping the guard of a node that is gone does nothing.
+    guard.unblock(BlockOp::Resize);
+    drop(guard);
+}
