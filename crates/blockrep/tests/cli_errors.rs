@@ -19,7 +19,10 @@ fn usage_errors_are_one_line() {
     let cases: &[(&[&str], &str)] = &[
         (&["img", "create"], "<FILENAME>"),
         (&["img", "frobnicate"], "frobnicate"),
-        (&["img", "check", "--no-such-flag", "x.qcow2"], "--no-such-flag"),
+        (
+            &["img", "check", "--no-such-flag", "x.qcow2"],
+            "--no-such-flag",
+        ),
         (&["serve"], "--qmp"),
         (&["no-such-command"], "no-such-command"),
     ];
