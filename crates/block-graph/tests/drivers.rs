@@ -196,6 +196,91 @@ fn memory_block_status_make_empty_truncate() {
 }
 
 #[test]
+fn memory_make_empty_reuses_buffers_without_leaking_old_data() {
+    let g = Graph::new();
+    let base = g
+        .add_node(
+            &json!({"driver": "memory", "node-name": "b", "size": 1 << 20, "cluster-size": 4096}),
+        )
+        .unwrap();
+    w(&base, 0, &[7u8; 1 << 20]);
+    let top = g
+        .add_node(
+            &json!({"driver": "memory", "node-name": "t", "backing": "b", "cluster-size": 4096}),
+        )
+        .unwrap();
+    let plain = g
+        .add_node(
+            &json!({"driver": "memory", "node-name": "p", "size": 1 << 20, "cluster-size": 4096}),
+        )
+        .unwrap();
+    for n in [&top, &plain] {
+        w(n, 0, &[0xeeu8; 64 * 4096]);
+        let md = n.driver_as::<MemoryDriver>().unwrap();
+        n.make_empty().unwrap();
+        assert_eq!(md.allocated_clusters(), 0);
+        assert_eq!(md.pooled_bytes(), 64 * 4096, "dropped buffers are kept");
+        // Partial writes into recycled buffers: the rest of the cluster is
+        // the backing's data (top) or zeros (plain), never the old 0xee.
+        w(n, 10, b"abc");
+        w(n, 4096 + 4000, &[1u8; 200]);
+        let rest = if std::sync::Arc::ptr_eq(n, &top) {
+            7u8
+        } else {
+            0u8
+        };
+        let got = r(n, 0, 3 * 4096);
+        let mut want = vec![rest; 3 * 4096];
+        want[10..13].copy_from_slice(b"abc");
+        want[4096 + 4000..4096 + 4200].fill(1);
+        assert_eq!(got, want);
+        // A full-cluster write and write-zeroes over recycled buffers.
+        w(n, 8192, &[2u8; 4096]);
+        n.write_zeroes(16384 + 100, 50, ZeroFlags::default())
+            .unwrap();
+        assert_eq!(r(n, 8192, 4096), vec![2u8; 4096]);
+        let z = r(n, 16384, 4096);
+        assert!(z[..100].iter().all(|&b| b == rest) && z[100..150].iter().all(|&b| b == 0));
+        assert!(z[150..].iter().all(|&b| b == rest));
+        assert!(
+            md.pooled_bytes() < 64 * 4096,
+            "writes took buffers from the pool"
+        );
+        // Truncate recycles too; the regrown area reads zeros.
+        n.truncate(4096).unwrap();
+        n.truncate(1 << 20).unwrap();
+        assert_eq!(r(n, 4096, 8192), vec![0u8; 8192]);
+    }
+}
+
+#[test]
+fn memory_make_empty_beyond_the_pool_bound() {
+    use block_graph::drivers::memory::FREE_POOL_BYTES;
+    let cs = 16u64 << 20;
+    let g = Graph::new();
+    let n = g
+        .add_node(
+            &json!({"driver": "memory", "node-name": "m", "size": 6 * cs, "cluster-size": cs}),
+        )
+        .unwrap();
+    let data = vec![0x3cu8; cs as usize];
+    for i in 0..6 {
+        w(&n, i * cs, &data);
+    }
+    let md = n.driver_as::<MemoryDriver>().unwrap();
+    n.make_empty().unwrap();
+    assert_eq!(md.allocated_clusters(), 0);
+    assert_eq!(
+        md.pooled_bytes(),
+        FREE_POOL_BYTES,
+        "the rest went to the free thread"
+    );
+    assert_eq!(r(&n, 5 * cs + 7, 4), vec![0u8; 4]);
+    w(&n, cs, b"x");
+    assert_eq!(r(&n, cs, 2), [b'x', 0]);
+}
+
+#[test]
 fn reading_past_a_shorter_backing_reads_zeros() {
     let g = Graph::new();
     let base = g
