@@ -14,6 +14,7 @@
 //! `cargo xtask crash --runs N` runs this in release mode.
 
 mod common;
+mod reliability_common;
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -23,7 +24,7 @@ use std::time::{Duration, Instant};
 
 use common::*;
 use nbd::{ClientConfig, NbdClient, ServerAddr};
-use serde_json::json;
+use reliability_common::{check_image, qmp_setup};
 
 const SIZE: u64 = 8 << 20;
 const BLOCK: u64 = 4096;
@@ -71,69 +72,6 @@ impl Model {
     }
 }
 
-fn qmp_setup(dir: &Path, sec: &Daemon, pri: &Daemon, s_nbd: &Path, p_nbd: &Path) {
-    for img in ["local", "sec", "active", "hidden"] {
-        qemu_img_create("qcow2", &dir.join(format!("{img}.qcow2")), "8M");
-    }
-    let qcow2 = |name: &str, file: &str| {
-        json!({"driver": "qcow2", "node-name": name,
-               "file": {"driver": "file", "filename": dir.join(file)}})
-    };
-    let mut q = sec.qmp();
-    q.ok("blockdev-add", qcow2("sec-disk", "sec.qcow2"));
-    q.ok(
-        "nbd-server-start",
-        json!({"addr": {"type": "unix", "data": {"path": s_nbd}}}),
-    );
-    q.ok(
-        "nbd-server-add",
-        json!({"device": "sec-disk", "name": "sec-disk", "writable": true}),
-    );
-    let mut hidden = qcow2("hidden", "hidden.qcow2");
-    hidden["backing"] = json!("sec-disk");
-    let mut active = qcow2("active", "active.qcow2");
-    active["backing"] = hidden;
-    q.ok(
-        "blockdev-add",
-        json!({"driver": "replication", "node-name": "top", "mode": "secondary",
-               "top-id": "top", "file": active}),
-    );
-    q.ok(
-        "xen-set-replication",
-        json!({"enable": true, "primary": false}),
-    );
-    let mut q = pri.qmp();
-    q.ok("blockdev-add", qcow2("local", "local.qcow2"));
-    q.ok(
-        "blockdev-add",
-        json!({"driver": "quorum", "node-name": "colo-disk0", "vote-threshold": 1,
-               "read-pattern": "fifo", "children": ["local"]}),
-    );
-    q.ok(
-        "blockdev-add",
-        json!({"driver": "replication", "node-name": "rep-p", "mode": "primary",
-               "file": {"driver": "nbd", "node-name": "nbd-client", "export": "sec-disk",
-                        "server": {"type": "unix", "path": s_nbd},
-                        "reconnect-delay": 0}}),
-    );
-    q.ok(
-        "x-blockdev-change",
-        json!({"parent": "colo-disk0", "node": "rep-p"}),
-    );
-    q.ok(
-        "nbd-server-start",
-        json!({"addr": {"type": "unix", "data": {"path": p_nbd}}}),
-    );
-    q.ok(
-        "nbd-server-add",
-        json!({"device": "colo-disk0", "name": "disk0", "writable": true}),
-    );
-    q.ok(
-        "xen-set-replication",
-        json!({"enable": true, "primary": true}),
-    );
-}
-
 /// Writes random 1..4-block runs of one value, flushing every few writes,
 /// until a request fails or `stop` is set.
 fn writer(client: NbdClient, model: Arc<Mutex<Model>>, stop: Arc<AtomicBool>, seed: u64) {
@@ -167,45 +105,6 @@ fn writer(client: NbdClient, model: Arc<Mutex<Model>>, stop: Arc<AtomicBool>, se
         }
         model.lock().unwrap().acked_writes += 1;
     }
-}
-
-/// `qemu-img check`; leaks are repaired with our tool, then it must be clean.
-fn check_image(path: &Path) -> Result<(), String> {
-    let check = || {
-        Command::new("qemu-img")
-            .args(["check", "-f", "qcow2", "--output=json"])
-            .arg(path)
-            .output()
-            .expect("qemu-img check (install qemu-utils)")
-    };
-    let out = check();
-    match out.status.code() {
-        Some(0) => return Ok(()),
-        Some(3) => {} // leaked clusters only
-        _ => {
-            return Err(format!(
-                "qemu-img check {}: {}{}",
-                path.display(),
-                String::from_utf8_lossy(&out.stdout),
-                String::from_utf8_lossy(&out.stderr)
-            ))
-        }
-    }
-    let r = Command::new(env!("CARGO_BIN_EXE_blockrep"))
-        .args(["img", "check", "-r", "leaks", "-f", "qcow2"])
-        .arg(path)
-        .output()
-        .unwrap();
-    let out = check();
-    if out.status.code() != Some(0) {
-        return Err(format!(
-            "{} not clean after `blockrep img check -r leaks` ({}): {}",
-            path.display(),
-            String::from_utf8_lossy(&r.stdout),
-            String::from_utf8_lossy(&out.stdout)
-        ));
-    }
-    Ok(())
 }
 
 /// The guest-visible contents of a qcow2 image (converted by qemu-img).
@@ -258,7 +157,7 @@ fn one_run(seed: u64, dir: &Path) -> Result<RunReport, String> {
     let p_nbd = dir.join("p.sock");
     let mut sec = Daemon::start(dir, "secondary");
     let mut pri = Daemon::start(dir, "primary");
-    qmp_setup(dir, &sec, &pri, &s_nbd, &p_nbd);
+    qmp_setup(dir, "8M", &sec, &pri, &s_nbd, &p_nbd);
     let client = NbdClient::connect_with(ClientConfig {
         addr: ServerAddr::Unix(p_nbd.clone()),
         export: "disk0".into(),

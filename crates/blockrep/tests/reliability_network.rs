@@ -1,0 +1,225 @@
+//! Network and process faults across two daemons (issue 11): the secondary
+//! killed during a checkpoint and during failover, and an interrupted
+//! failover re-run after a restart. (The primary killed mid-write is
+//! `reliability_crash.rs`; the secondary vanishing while the primary keeps
+//! serving is `serve_replication.rs`.) After each fault the surviving side
+//! keeps serving its guest, its status says what happened, and every image
+//! passes `qemu-img check`.
+
+mod common;
+mod reliability_common;
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use common::*;
+use reliability_common::{check_image, qmp_setup};
+use serde_json::{json, Value};
+
+const MIB: usize = 1 << 20;
+
+struct Pair {
+    _tmp: tempfile::TempDir,
+    dir: PathBuf,
+    sec: Daemon,
+    pri: Daemon,
+    s_nbd: PathBuf,
+    p_nbd: PathBuf,
+}
+
+fn pair() -> Pair {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().to_path_buf();
+    let s_nbd = dir.join("s.sock");
+    let p_nbd = dir.join("p.sock");
+    let sec = Daemon::start(&dir, "secondary");
+    let pri = Daemon::start(&dir, "primary");
+    qmp_setup(&dir, "64M", &sec, &pri, &s_nbd, &p_nbd);
+    Pair {
+        _tmp: tmp,
+        dir,
+        sec,
+        pri,
+        s_nbd,
+        p_nbd,
+    }
+}
+
+fn status(q: &mut Qmp, node: &str) -> Value {
+    q.ok("x-blockrep-query-replication", json!({"node-name": node}))[0].clone()
+}
+
+fn check_all(dir: &Path) {
+    for img in ["local", "sec", "active", "hidden"] {
+        if let Err(e) = check_image(&dir.join(format!("{img}.qcow2"))) {
+            panic!("{e}");
+        }
+    }
+}
+
+/// Restarts a secondary over the images left behind: the secondary disk,
+/// exported as "sec-disk", and with `chain` the chain active -> hidden ->
+/// secondary disk, exported as "view" (the secondary guest's view).
+fn restart_secondary(dir: &Path, name: &str, chain: bool) -> (Daemon, PathBuf) {
+    let d = Daemon::start(dir, name);
+    let sock = dir.join(format!("{name}.sock"));
+    let mut q = d.qmp();
+    let qcow2 = |node: &str, file: &str| {
+        json!({"driver": "qcow2", "node-name": node,
+               "file": {"driver": "file", "filename": dir.join(file)}})
+    };
+    q.ok("blockdev-add", qcow2("sec-disk", "sec.qcow2"));
+    q.ok(
+        "nbd-server-start",
+        json!({"addr": {"type": "unix", "data": {"path": sock}}}),
+    );
+    if chain {
+        let mut hidden = qcow2("hidden", "hidden.qcow2");
+        hidden["backing"] = json!("sec-disk");
+        q.ok("blockdev-add", hidden);
+        let mut active = qcow2("active", "active.qcow2");
+        active["backing"] = json!("hidden");
+        q.ok("blockdev-add", active);
+        q.ok(
+            "nbd-server-add",
+            json!({"device": "active", "name": "view", "writable": true}),
+        );
+    } else {
+        q.ok(
+            "nbd-server-add",
+            json!({"device": "sec-disk", "name": "sec-disk", "writable": true}),
+        );
+    }
+    (d, sock)
+}
+
+/// The secondary guest's view for the script below.
+const VIEW: &[&str] = &[
+    "read -P 0x22 0 8M",
+    "read -P 0x33 8M 32M",
+    "read -P 0x11 40M 8M",
+    "read -P 0x00 48M 16M",
+];
+
+/// The secondary is killed `delay_ms` after `x-colo-lost-heartbeat` (or,
+/// with `None`, once the failover is DONE), restarted on its images, and the
+/// failover's commit is re-run by hand: the chain must still show the
+/// secondary guest's view, and the commit must make it the secondary disk.
+fn failover_interrupted(delay_ms: Option<u64>) {
+    {
+        let mut p = pair();
+        let (sg, pg) = (nbd_uri(&p.s_nbd, "disk0"), nbd_uri(&p.p_nbd, "disk0"));
+        qemu_io(&pg, &["write -P 0x22 0 32M", "write -P 0x11 32M 16M"]);
+        p.pri.qmp().ok("xen-colo-do-checkpoint", json!({}));
+        p.sec.qmp().ok("xen-colo-do-checkpoint", json!({}));
+        // After the checkpoint: the secondary guest writes 32 MiB, the
+        // primary forwards writes that the failover must drop.
+        qemu_io(&sg, &["write -P 0x33 8M 32M"]);
+        qemu_io(&pg, &["write -P 0x44 0 4M", "write -P 0x45 44M 2M"]);
+        qemu_io(&sg, VIEW);
+        p.pri.kill9();
+        let mut sq = p.sec.qmp();
+        sq.ok("x-colo-lost-heartbeat", json!({}));
+        match delay_ms {
+            Some(ms) => std::thread::sleep(Duration::from_millis(ms)),
+            None => assert!(
+                wait_until(Duration::from_secs(60), || status(&mut sq, "top")["state"]
+                    == "DONE"),
+                "failover did not finish"
+            ),
+        }
+        let st = status(&mut sq, "top");
+        drop(sq);
+        p.sec.kill9();
+        check_all(&p.dir);
+        // Restarted on the images, the chain still shows the guest's view;
+        // the failover's commit, re-run by hand, makes it the secondary disk.
+        let (d, sock) = restart_secondary(&p.dir, "secondary-again", true);
+        qemu_io(&nbd_uri(&sock, "view"), VIEW);
+        let mut q = d.qmp();
+        q.ok("block-commit", json!({"device": "active", "job-id": "c"}));
+        q.wait_event("BLOCK_JOB_READY", Duration::from_secs(60), |_| true);
+        q.ok("block-job-complete", json!({"device": "c"}));
+        q.wait_event("BLOCK_JOB_COMPLETED", Duration::from_secs(60), |e| {
+            e.get("error").is_none()
+        });
+        // The export moved with the pivot: it now reads the secondary disk.
+        qemu_io(&nbd_uri(&sock, "view"), VIEW);
+        drop(q);
+        d.qmp().ok("quit", json!({}));
+        let mut d = d;
+        assert_eq!(d.wait(), Some(0));
+        check_all(&p.dir);
+        eprintln!(
+            "kill point {delay_ms:?} ms after lost-heartbeat (None: after DONE); state then: {}",
+            st["state"]
+        );
+    }
+}
+
+#[test]
+fn secondary_killed_after_failover_then_commit_rerun_yields_the_guest_view() {
+    failover_interrupted(None);
+}
+
+/// KNOWN FAILING (run with BLOCKREP_KNOWN_FAILING=1): killed while the
+/// failover commit runs, the restarted chain no longer shows the secondary
+/// guest's view where the primary had overwritten the secondary disk since
+/// the checkpoint: the hidden disk's copy-before-write clusters were
+/// written, but their L2 entries sat in qcow-lite's write-back metadata
+/// cache and nothing had flushed the hidden disk. See docs/reliability.md
+/// ("Findings") for the change this needs in replication-driver.
+#[test]
+fn secondary_killed_during_failover_then_commit_rerun_yields_the_guest_view() {
+    if std::env::var_os("BLOCKREP_KNOWN_FAILING").is_none() {
+        eprintln!("known failing: set BLOCKREP_KNOWN_FAILING=1 to run");
+        return;
+    }
+    for ms in [0, 30] {
+        failover_interrupted(Some(ms));
+    }
+}
+
+#[test]
+fn secondary_killed_during_a_checkpoint() {
+    for delay_ms in [0u64, 5, 50] {
+        let mut p = pair();
+        let pg = nbd_uri(&p.p_nbd, "disk0");
+        qemu_io(&pg, &["write -P 0x22 0 16M"]);
+        p.pri.qmp().ok("xen-colo-do-checkpoint", json!({}));
+        let mut sq = p.sec.qmp();
+        qemu_io(&nbd_uri(&p.s_nbd, "disk0"), &["write -P 0x33 16M 16M"]);
+        // The checkpoint is under way (not waited for) when the secondary dies.
+        sq.writer_send(r#"{"execute": "xen-colo-do-checkpoint"}"#);
+        std::thread::sleep(Duration::from_millis(delay_ms));
+        p.sec.kill9();
+        // The primary's guest keeps working; its status names the loss once
+        // a write could not be forwarded.
+        qemu_io(
+            &pg,
+            &[
+                "write -P 0x55 32M 1M",
+                "read -P 0x55 32M 1M",
+                "read -P 0x22 0 16M",
+            ],
+        );
+        let mut pq = p.pri.qmp();
+        let st = pq.ok("query-xen-replication-status", json!({}));
+        assert_eq!(st["error"], true, "{st}");
+        let rs = status(&mut pq, "rep-p");
+        assert_eq!(rs["state"], "RUNNING", "{rs}");
+        assert!(rs["forward-errors"].as_u64().unwrap() >= 1, "{rs}");
+        drop(pq);
+        p.pri.qmp().ok("quit", json!({}));
+        assert_eq!(p.pri.wait(), Some(0));
+        check_all(&p.dir);
+        // The secondary disk holds everything forwarded before the loss.
+        let (d, sock) = restart_secondary(&p.dir, "secondary-again", false);
+        qemu_io(
+            &nbd_uri(&sock, "sec-disk"),
+            &["read -P 0x22 0 16M", "read -P 0 16M 16M"],
+        );
+        drop(d);
+        let _ = MIB;
+    }
+}
