@@ -294,7 +294,10 @@ pub trait Driver: AsAny + Send + Sync + 'static {
         None
     }
 
-    /// Called once when the node is removed or dropped.
+    /// Called once when the node is removed or dropped. On
+    /// `Graph::remove_node`/`remove_filter` it runs after the node was drained
+    /// and marked removed, with its children still attached and without the
+    /// graph lock held (unless the remover holds it); see `Graph::remove_node`.
     fn close(&self, node: &Node) {
         let _ = node;
     }

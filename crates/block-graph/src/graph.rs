@@ -459,8 +459,18 @@ impl Graph {
     /// parents or backends (the error names them), when it is an implicit node, or
     /// when the drive-del operation is blocked. Implicit children left without
     /// users are removed with it.
+    ///
+    /// Close ordering (as QEMU's `bdrv_close`): the node is drained, taken out
+    /// of the name map and marked removed (its own requests fail from then
+    /// on); then [`Driver::close`] runs with its children still attached and
+    /// *without* the graph lock held, so a close that waits for jobs needing
+    /// that lock (the replication filter's) can finish; then the children are
+    /// detached. If the caller itself holds the graph lock (the lock is
+    /// re-entrant: e.g. a driver removing nodes from inside a graph change),
+    /// close runs under it. A node that goes away by its last reference being
+    /// dropped is closed wherever that drop happens, children still attached.
     pub fn remove_node(&self, name: &str) -> Result<()> {
-        let _l = self.inner.lock.lock();
+        let l = self.inner.lock.lock();
         let node = self.node(name)?;
         if node.is_implicit() {
             return Err(Error::invalid(format!(
@@ -477,32 +487,47 @@ impl Graph {
             .with_node(name));
         }
         node.check_op(BlockOp::DriveDel)?;
+        drop(l);
         self.remove_recursive(&node);
         Ok(())
     }
 
+    /// Removes `node` (see [`Graph::remove_node`] for the close ordering).
+    /// Takes the graph lock itself, and releases it around `Driver::close`.
     fn remove_recursive(&self, node: &NodeRef) {
         {
-            let _d = self.drain(std::slice::from_ref(node));
-            let mut nodes = self.inner.nodes.lock();
-            if nodes.get(node.name()).is_some_and(|x| Arc::ptr_eq(x, node)) {
-                nodes.remove(node.name());
+            let _l = self.inner.lock.lock();
+            {
+                let _d = self.drain(std::slice::from_ref(node));
+                let mut nodes = self.inner.nodes.lock();
+                if nodes.get(node.name()).is_some_and(|x| Arc::ptr_eq(x, node)) {
+                    nodes.remove(node.name());
+                }
+            }
+            node.mark_removed();
+        }
+        node.close_once();
+        let mut orphans = Vec::new();
+        {
+            let _l = self.inner.lock.lock();
+            let edges: Vec<ChildEdge> = node.children.write().drain(..).collect();
+            self.emit(GraphEvent::NodeRemoved {
+                node: node.name().to_string(),
+            });
+            for e in edges {
+                e.node
+                    .parents
+                    .lock()
+                    .retain(|p| !std::ptr::eq(p.parent.as_ptr(), Arc::as_ptr(node)));
+                if e.node.is_implicit() && users_of(&e.node).is_empty() {
+                    orphans.push(e.node);
+                }
             }
         }
-        let edges: Vec<ChildEdge> = node.children.write().drain(..).collect();
-        node.mark_removed();
-        node.close_once();
-        self.emit(GraphEvent::NodeRemoved {
-            node: node.name().to_string(),
-        });
-        for e in edges {
-            e.node
-                .parents
-                .lock()
-                .retain(|p| !std::ptr::eq(p.parent.as_ptr(), Arc::as_ptr(node)));
-            if e.node.is_implicit() && users_of(&e.node).is_empty() {
-                self.remove_recursive(&e.node);
-            }
+        // Implicit children left without users go too, each closed outside
+        // the lock like their parent.
+        for c in orphans {
+            self.remove_recursive(&c);
         }
     }
 
@@ -783,15 +808,19 @@ impl Graph {
 
     /// Takes a filter out of the graph: its parents and backends go back to its
     /// filtered child (drained), then the filter is detached and removed.
+    /// The filter is closed as in [`Graph::remove_node`]: before its children
+    /// are detached and outside the graph lock.
     pub fn remove_filter(&self, filter: &NodeRef) -> Result<()> {
-        let _l = self.inner.lock.lock();
-        let child = filter.filtered().ok_or_else(|| {
-            Error::invalid(format!(
-                "'{}' is not a filter with a filtered child",
-                filter.name()
-            ))
-        })?;
-        self.replace_node(filter, &child)?;
+        {
+            let _l = self.inner.lock.lock();
+            let child = filter.filtered().ok_or_else(|| {
+                Error::invalid(format!(
+                    "'{}' is not a filter with a filtered child",
+                    filter.name()
+                ))
+            })?;
+            self.replace_node(filter, &child)?;
+        }
         self.remove_recursive(filter);
         Ok(())
     }

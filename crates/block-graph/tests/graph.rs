@@ -1110,6 +1110,7 @@ fn each_permission_conflict_is_named_and_a_refused_replace_changes_nothing() {
 struct CloseFlag {
     closed: Arc<AtomicBool>,
     had_child: Arc<AtomicBool>,
+    lock_free: Arc<AtomicBool>,
 }
 
 impl Driver for CloseFlag {
@@ -1128,28 +1129,79 @@ impl Driver for CloseFlag {
     fn close(&self, node: &Node) {
         self.had_child
             .store(node.file().is_some(), Ordering::SeqCst);
+        if let Some(g) = node.graph() {
+            // A graph change on another thread (it needs the graph lock) must
+            // be able to finish while close waits for it.
+            let (tx, rx) = crossbeam_channel::bounded(1);
+            let name = format!("{}-probe", node.name());
+            std::thread::spawn(move || {
+                let r = g.add_node(&json!({"driver": "null-co", "node-name": name, "size": 512}));
+                let _ = tx.send(r.is_ok());
+            });
+            let ok = rx.recv_timeout(Duration::from_secs(5)) == Ok(true);
+            self.lock_free.store(ok, Ordering::SeqCst);
+        }
         self.closed.store(true, Ordering::SeqCst);
     }
 }
 
-fn closeflag_graph() -> (Graph, Arc<AtomicBool>, Arc<AtomicBool>) {
+type Flags = (Arc<AtomicBool>, Arc<AtomicBool>, Arc<AtomicBool>);
+
+/// A graph with the `closeflag` driver; flags: closed, had_child, lock_free.
+fn closeflag_graph() -> (Graph, Flags) {
     let g = Graph::new();
-    let closed = Arc::new(AtomicBool::new(false));
-    let had_child = Arc::new(AtomicBool::new(false));
-    let (c2, h2) = (closed.clone(), had_child.clone());
+    let flags: Flags = Default::default();
+    let f2 = flags.clone();
     g.register_driver("closeflag", move |ctx| {
         ctx.open_child("file", Role::File, true)?;
         Ok(Box::new(CloseFlag {
-            closed: c2.clone(),
-            had_child: h2.clone(),
+            closed: f2.0.clone(),
+            had_child: f2.1.clone(),
+            lock_free: f2.2.clone(),
         }))
     });
-    (g, closed, had_child)
+    (g, flags)
+}
+
+#[test]
+fn remove_closes_before_detaching_children_and_outside_the_graph_lock() {
+    let (g, (closed, had_child, lock_free)) = closeflag_graph();
+    let disk = mem(&g, "disk", 4096);
+    g.add_node(&json!({"driver": "closeflag", "node-name": "top", "file": "disk"}))
+        .unwrap();
+    g.remove_node("top").unwrap();
+    assert!(closed.load(Ordering::SeqCst));
+    assert!(
+        had_child.load(Ordering::SeqCst),
+        "children are attached during close"
+    );
+    assert!(
+        lock_free.load(Ordering::SeqCst),
+        "close ran without the graph lock"
+    );
+    assert!(disk.parents().is_empty(), "then the children are detached");
+    assert!(g.node("top").is_err());
+    g.node("top-probe").unwrap();
+    // The same for a filter taken out with remove_filter.
+    let be = g.new_backend(&disk, PermPair::READ_WRITE).unwrap();
+    let f = g
+        .add_node(&json!({"driver": "closeflag", "node-name": "flt", "file": "disk"}))
+        .unwrap();
+    g.insert_filter_above(&disk, &f).unwrap();
+    closed.store(false, Ordering::SeqCst);
+    had_child.store(false, Ordering::SeqCst);
+    lock_free.store(false, Ordering::SeqCst);
+    g.remove_filter(&f).unwrap();
+    assert!(closed.load(Ordering::SeqCst) && f.is_removed());
+    assert!(had_child.load(Ordering::SeqCst));
+    assert!(lock_free.load(Ordering::SeqCst));
+    assert!(Arc::ptr_eq(&be.node(), &disk));
+    assert!(disk.parents().is_empty());
 }
 
 #[test]
 fn a_held_blocker_does_not_keep_its_node_alive() {
-    let (g, closed, _) = closeflag_graph();
+    let (g, (closed, _, _)) = closeflag_graph();
     mem(&g, "disk", 4096);
     let top = g
         .add_node(&json!({"driver": "closeflag", "node-name": "top", "file": "disk"}))
