@@ -149,6 +149,8 @@ struct RunReport {
     killed_first: &'static str,
     acked_writes: u64,
     flushes: u64,
+    /// Images that needed `-r leaks` before checking clean.
+    repaired: u64,
 }
 
 fn one_run(seed: u64, dir: &Path) -> Result<RunReport, String> {
@@ -195,8 +197,9 @@ fn one_run(seed: u64, dir: &Path) -> Result<RunReport, String> {
     stop.store(true, Ordering::Relaxed);
     w.join().map_err(|_| "writer panicked".to_string())?;
     let m = model.lock().unwrap();
+    let mut repaired = 0;
     for img in ["local", "sec", "active", "hidden"] {
-        check_image(&dir.join(format!("{img}.qcow2")))?;
+        repaired += u64::from(check_image(&dir.join(format!("{img}.qcow2")))?);
     }
     verify(
         &contents(&dir.join("local.qcow2"), dir),
@@ -218,6 +221,7 @@ fn one_run(seed: u64, dir: &Path) -> Result<RunReport, String> {
         },
         acked_writes: m.acked_writes,
         flushes: m.flushes,
+        repaired,
     })
 }
 
@@ -238,7 +242,7 @@ fn kill9_of_either_daemon_loses_no_flushed_write() {
         }
     };
     let start = Instant::now();
-    let (mut pri_first, mut writes, mut flushes) = (0, 0, 0);
+    let (mut pri_first, mut writes, mut flushes, mut repaired) = (0, 0, 0, 0);
     for (i, seed) in seeds.iter().enumerate() {
         let tmp = tempfile::tempdir().unwrap();
         let dir: PathBuf = tmp.path().to_path_buf();
@@ -247,6 +251,7 @@ fn kill9_of_either_daemon_loses_no_flushed_write() {
                 pri_first += u64::from(r.killed_first == "primary");
                 writes += r.acked_writes;
                 flushes += r.flushes;
+                repaired += r.repaired;
                 eprintln!(
                     "crash run {}/{}: seed {seed}: killed {} first; {} writes, {} flushes acknowledged; ok",
                     i + 1,
@@ -267,7 +272,7 @@ fn kill9_of_either_daemon_loses_no_flushed_write() {
         }
     }
     eprintln!(
-        "crash: {} kill points ({} primary first, {} secondary first), {writes} writes and {flushes} flushes acknowledged, nothing lost, in {:.0} s",
+        "crash: {} kill points ({} primary first, {} secondary first), {writes} writes and {flushes} flushes acknowledged, nothing lost, {repaired} images needed leak repair, in {:.0} s",
         seeds.len(),
         pri_first,
         seeds.len() as u64 - pri_first,

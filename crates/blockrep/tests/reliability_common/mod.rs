@@ -87,7 +87,8 @@ pub fn qmp_setup(dir: &Path, size: &str, sec: &Daemon, pri: &Daemon, s_nbd: &Pat
 
 /// `qemu-img check`; leaked clusters are repaired with
 /// `blockrep img check -r leaks`, after which the check must be clean.
-pub fn check_image(path: &Path) -> Result<(), String> {
+/// Returns whether a repair was needed.
+pub fn check_image(path: &Path) -> Result<bool, String> {
     let check = || {
         Command::new("qemu-img")
             .args(["check", "-f", "qcow2", "--output=json"])
@@ -97,7 +98,7 @@ pub fn check_image(path: &Path) -> Result<(), String> {
     };
     let out = check();
     match out.status.code() {
-        Some(0) => return Ok(()),
+        Some(0) => return Ok(false),
         Some(3) => {} // leaked clusters only
         _ => {
             return Err(format!(
@@ -122,5 +123,5 @@ pub fn check_image(path: &Path) -> Result<(), String> {
             String::from_utf8_lossy(&out.stdout)
         ));
     }
-    Ok(())
+    Ok(true)
 }
