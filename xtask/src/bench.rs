@@ -146,7 +146,7 @@ pub fn run(root: &Path, rest: &[String]) -> Result<(), String> {
 
     let crit_started = SystemTime::now();
     let criterion_status = if opts.criterion {
-        let mut args = vec!["bench", "--workspace", "--benches"];
+        let mut args = vec!["bench", "--workspace", "--bench", "*"];
         if opts.quick {
             args.extend([
                 "--",
