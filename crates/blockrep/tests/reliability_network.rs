@@ -162,19 +162,13 @@ fn secondary_killed_after_failover_then_commit_rerun_yields_the_guest_view() {
     failover_interrupted(None);
 }
 
-/// KNOWN FAILING (run with BLOCKREP_KNOWN_FAILING=1): killed while the
-/// failover commit runs, the restarted chain no longer shows the secondary
-/// guest's view where the primary had overwritten the secondary disk since
-/// the checkpoint: the hidden disk's copy-before-write clusters were
-/// written, but their L2 entries sat in qcow-lite's write-back metadata
-/// cache and nothing had flushed the hidden disk. See docs/reliability.md
-/// ("Findings") for the change this needs in replication-driver.
+/// Killed while the failover commit runs, the restarted chain must still
+/// show the secondary guest's view. This failed until replication-driver
+/// flushed the active and hidden disks before starting the commit: the
+/// hidden disk's copy-before-write clusters had been written, but their L2
+/// entries sat in qcow-lite's write-back metadata cache.
 #[test]
 fn secondary_killed_during_failover_then_commit_rerun_yields_the_guest_view() {
-    if std::env::var_os("BLOCKREP_KNOWN_FAILING").is_none() {
-        eprintln!("known failing: set BLOCKREP_KNOWN_FAILING=1 to run");
-        return;
-    }
     for ms in [0, 30] {
         failover_interrupted(Some(ms));
     }
