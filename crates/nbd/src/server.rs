@@ -279,10 +279,7 @@ impl NbdServer {
                 let _ = std::fs::remove_file(path);
             }
         }
-        let listener = UnixListener::bind(path)
-            .map_err(|e| NbdError::io(format!("bind {}", path.display()), e))?;
-        std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
-            .map_err(|e| NbdError::io(format!("chmod {}", path.display()), e))?;
+        let listener = bind_unix_0600(path)?;
         let fd = listener.as_raw_fd();
         self.spawn_listener(fd, Some(path.to_owned()), move || {
             listener.accept().map(|(s, _)| Sock::Unix(s))
@@ -1184,4 +1181,49 @@ fn send_reply<W: Write>(
         }
     };
     lock(writer).write_all(&buf)
+}
+
+/// Binds a Unix socket that is never reachable with a mode wider than 0600:
+/// it is bound inside a fresh private (0700) directory beside `path`,
+/// chmodded there, then renamed into place. A file already at `path` is an
+/// error, never replaced.
+fn bind_unix_0600(path: &Path) -> Result<UnixListener> {
+    use std::os::unix::fs::DirBuilderExt;
+    static NEXT: AtomicU64 = AtomicU64::new(0);
+
+    let in_use = |what: &str| {
+        NbdError::io(
+            format!("bind {}", path.display()),
+            std::io::Error::new(std::io::ErrorKind::AddrInUse, what.to_string()),
+        )
+    };
+    if std::fs::symlink_metadata(path).is_ok() {
+        return Err(in_use("a file already exists there"));
+    }
+    let parent = match path.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p,
+        _ => Path::new("."),
+    };
+    let n = NEXT.fetch_add(1, Ordering::Relaxed);
+    let dir = parent.join(format!(".nbd-bind-{}-{n}", std::process::id()));
+    std::fs::DirBuilder::new()
+        .mode(0o700)
+        .create(&dir)
+        .map_err(|e| NbdError::io(format!("create {}", dir.display()), e))?;
+    let tmp = dir.join("sock");
+    let result = (|| {
+        let listener = UnixListener::bind(&tmp)
+            .map_err(|e| NbdError::io(format!("bind {}", path.display()), e))?;
+        std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o600))
+            .map_err(|e| NbdError::io(format!("chmod {}", path.display()), e))?;
+        if std::fs::symlink_metadata(path).is_ok() {
+            return Err(in_use("a file appeared there while binding"));
+        }
+        std::fs::rename(&tmp, path)
+            .map_err(|e| NbdError::io(format!("rename into {}", path.display()), e))?;
+        Ok(listener)
+    })();
+    let _ = std::fs::remove_file(&tmp);
+    let _ = std::fs::remove_dir(&dir);
+    result
 }
