@@ -616,20 +616,8 @@ impl Harness {
         peer_img: &Path,
     ) -> Result<(String, String, Servers), String> {
         let qmp_path = dir.join(format!("serve-{transport}.qmp"));
-        let log = std::fs::File::create(dir.join(format!("serve-{transport}.log")))
-            .map_err(|e| e.to_string())?;
-        let daemon = Command::new(&self.blockrep)
-            .args(["serve", "--log-level", "warn", "--qmp"])
-            .arg(&qmp_path)
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(log)
-            .spawn()
-            .map_err(|e| format!("spawn blockrep serve: {e}"))?;
-        let mut servers = Servers {
-            children: vec![daemon],
-            qmp: None,
-        };
+        let mut servers =
+            self.spawn_serve(&qmp_path, &dir.join(format!("serve-{transport}.log")))?;
         let setup = (|| {
             let mut q = Qmp::connect(&qmp_path)?;
             q.ok(
@@ -687,6 +675,24 @@ impl Harness {
         }
     }
 
+    /// Starts `blockrep serve` on `qmp_path`, its stderr going to `log_path`;
+    /// the returned `Servers` kills it when dropped.
+    fn spawn_serve(&self, qmp_path: &Path, log_path: &Path) -> Result<Servers, String> {
+        let log = std::fs::File::create(log_path).map_err(|e| e.to_string())?;
+        let daemon = Command::new(&self.blockrep)
+            .args(["serve", "--log-level", "warn", "--qmp"])
+            .arg(qmp_path)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .map_err(|e| format!("spawn blockrep serve: {e}"))?;
+        Ok(Servers {
+            children: vec![daemon],
+            qmp: None,
+        })
+    }
+
     /// Figure 5: first writes to the secondary disk (exported over NBD by
     /// `blockrep serve`) with a fresh backup job (sync=none into a hidden
     /// disk backed by it, as COLO's secondary) vs the same writes with no job.
@@ -697,19 +703,7 @@ impl Harness {
         let sec = dir.join("secondary.qcow2");
         self.prefilled(&sec, size)?;
         let qmp_path = dir.join("serve.qmp");
-        let log = std::fs::File::create(dir.join("serve.log")).map_err(|e| e.to_string())?;
-        let daemon = Command::new(&self.blockrep)
-            .args(["serve", "--log-level", "warn", "--qmp"])
-            .arg(&qmp_path)
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(log)
-            .spawn()
-            .map_err(|e| format!("spawn blockrep serve: {e}"))?;
-        let mut servers = Servers {
-            children: vec![daemon],
-            qmp: None,
-        };
+        let mut servers = self.spawn_serve(&qmp_path, &dir.join("serve.log"))?;
         let sock = dir.join("nbd.sock");
         let uri = format!("nbd+unix:///disk0?socket={}", sock.display());
         let q = (|| {
@@ -855,19 +849,7 @@ impl Harness {
             self.create_qcow2(&dir.join(f), size)?;
         }
         let qmp_path = dir.join("serve.qmp");
-        let log = std::fs::File::create(dir.join("serve.log")).map_err(|e| e.to_string())?;
-        let daemon = Command::new(&self.blockrep)
-            .args(["serve", "--log-level", "warn", "--qmp"])
-            .arg(&qmp_path)
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(log)
-            .spawn()
-            .map_err(|e| format!("spawn blockrep serve: {e}"))?;
-        let mut servers = Servers {
-            children: vec![daemon],
-            qmp: None,
-        };
+        let mut servers = self.spawn_serve(&qmp_path, &dir.join("serve.log"))?;
         let sock = dir.join("nbd.sock");
         let sec_uri = format!("nbd+unix:///sec?socket={}", sock.display());
         let guest_uri = format!("nbd+unix:///disk0?socket={}", sock.display());
