@@ -3,6 +3,12 @@
 //! `file` node, with its backing chain), and `depth` threads issue `count`
 //! requests of `size` bytes through the node's door, `step` bytes apart,
 //! wrapping at the end of the image.
+//!
+//! As with qemu-img, the image may also be an NBD URI
+//! (`nbd+unix:///EXPORT?socket=PATH` or `nbd://HOST[:PORT]/EXPORT`): the node
+//! is then the format over our `nbd` client driver. `--latency` (ours, not
+//! qemu-img's) prints one JSON line with the run's time and the per-request
+//! latency percentiles, for benchmarks that need more than a total time.
 
 use super::header::is_qcow2;
 use super::size::parse_size;
@@ -62,12 +68,68 @@ pub struct BenchArgs {
     /// Force share (accepted for compatibility).
     #[arg(short = 'U', long = "force-share")]
     force_share: bool,
+    /// Print one JSON line: requests, bytes, seconds (through the final
+    /// flush) and per-request latency percentiles in microseconds.
+    #[arg(long = "latency")]
+    latency: bool,
     /// The image.
     filename: String,
 }
 
+/// The `server` and `export` options of the `nbd` driver for an NBD URI
+/// (`nbd+unix:///EXPORT?socket=PATH`, `nbd://HOST[:PORT]/EXPORT`), or None
+/// when `name` is not one.
+fn nbd_target(name: &str) -> Result<Option<(serde_json::Value, String)>, ImgError> {
+    let bad = || ImgError::usage(format!("Invalid NBD URI '{name}'"));
+    if let Some(rest) = name.strip_prefix("nbd+unix://") {
+        let (path, query) = rest.split_once('?').ok_or_else(bad)?;
+        let export = path.strip_prefix('/').unwrap_or(path);
+        let socket = query
+            .split('&')
+            .find_map(|kv| kv.strip_prefix("socket="))
+            .filter(|s| !s.is_empty())
+            .ok_or_else(bad)?;
+        return Ok(Some((
+            json!({"type": "unix", "path": socket}),
+            export.to_string(),
+        )));
+    }
+    if let Some(rest) = name.strip_prefix("nbd://") {
+        let (hostport, export) = rest.split_once('/').unwrap_or((rest, ""));
+        let (host, port) = match hostport.rsplit_once(':') {
+            Some((h, p)) => (h, p.parse::<u16>().map_err(|_| bad())?),
+            None => (hostport, 10809),
+        };
+        if host.is_empty() {
+            return Err(bad());
+        }
+        return Ok(Some((
+            json!({"type": "inet", "host": host, "port": port.to_string()}),
+            export.to_string(),
+        )));
+    }
+    Ok(None)
+}
+
 /// Open the image as node "bench" of a new graph.
 fn open_node(a: &BenchArgs) -> Result<(Graph, NodeRef), ImgError> {
+    if let Some((server, export)) = nbd_target(&a.filename)? {
+        let fmt = opt_fmt(&a.format)?.unwrap_or(Format::Raw);
+        let g = Graph::new();
+        qcow_lite::register(&g);
+        nbd::blockdev::register(&g);
+        let def = json!({
+            "driver": fmt.name(),
+            "node-name": "bench",
+            "read-only": !a.write,
+            "file": {"driver": "nbd", "server": server, "export": export,
+                     "read-only": !a.write}
+        });
+        let node = g
+            .add_node(&def)
+            .map_err(|e| ImgError::image(format!("Could not open '{}': {e}", a.filename)))?;
+        return Ok((g, node));
+    }
     let fmt = match opt_fmt(&a.format)? {
         Some(f) => f,
         None => {
@@ -162,16 +224,19 @@ fn run_inner(a: &BenchArgs) -> Result<(), ImgError> {
     let next = AtomicU64::new(0);
     let first_err: Mutex<Option<ImgError>> = Mutex::new(None);
     let span = image_size - bufsize + 1;
+    let lat_ns: Mutex<Vec<u64>> = Mutex::new(Vec::new());
     let start = Instant::now();
     std::thread::scope(|s| {
         for _ in 0..a.depth.min(a.count.max(1)) {
             s.spawn(|| {
                 let mut buf = vec![a.pattern; bufsize as usize];
+                let mut mine: Vec<u64> = Vec::new();
                 loop {
                     let i = next.fetch_add(1, Ordering::Relaxed);
                     if i >= a.count {
                         break;
                     }
+                    let t = a.latency.then(Instant::now);
                     let off = (offset + i.wrapping_mul(step) % span.max(1)) % span.max(1);
                     let r = if a.write {
                         let r = node.write(off, &buf, flags);
@@ -183,6 +248,9 @@ fn run_inner(a: &BenchArgs) -> Result<(), ImgError> {
                     } else {
                         node.read(off, &mut buf)
                     };
+                    if let Some(t) = t {
+                        mine.push(u64::try_from(t.elapsed().as_nanos()).unwrap_or(u64::MAX));
+                    }
                     let r = r.map_err(|e| ImgError::image(format!("bench: {e}")));
                     if let Err(e) = r {
                         let mut g = first_err.lock().unwrap_or_else(|p| p.into_inner());
@@ -190,6 +258,12 @@ fn run_inner(a: &BenchArgs) -> Result<(), ImgError> {
                         next.store(a.count, Ordering::Relaxed);
                         break;
                     }
+                }
+                if !mine.is_empty() {
+                    lat_ns
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .extend(mine);
                 }
             });
         }
@@ -210,5 +284,29 @@ fn run_inner(a: &BenchArgs) -> Result<(), ImgError> {
     if !a.quiet {
         println!("Run completed in {secs:.3} seconds.");
     }
+    if a.latency {
+        let mut v = lat_ns.into_inner().unwrap_or_else(|p| p.into_inner());
+        v.sort_unstable();
+        let us = |q: f64| percentile_ns(&v, q) as f64 / 1000.0;
+        println!(
+            "{}",
+            json!({
+                "requests": v.len(),
+                "bytes": v.len() as u64 * bufsize,
+                "seconds": secs,
+                "latency-us": {"p50": us(0.5), "p90": us(0.9), "p99": us(0.99),
+                               "max": us(1.0)}
+            })
+        );
+    }
     Ok(())
+}
+
+/// Nearest-rank percentile of sorted samples (0 when empty).
+fn percentile_ns(sorted: &[u64], q: f64) -> u64 {
+    if sorted.is_empty() {
+        return 0;
+    }
+    let rank = ((q * sorted.len() as f64).ceil() as usize).clamp(1, sorted.len());
+    sorted[rank - 1]
 }

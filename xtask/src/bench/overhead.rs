@@ -1,0 +1,436 @@
+//! Figure 4, replication overhead.
+//!
+//! * Primary: a guest (our release-built NBD writer, `blockrep img bench
+//!   --latency`, one process per run) writes through the primary daemon's
+//!   export of the guest-visible quorum node. "With": the replication(primary)
+//!   node over an NBD client to a secondary daemon is a second quorum child
+//!   and replication is started (every write is forwarded over loopback NBD
+//!   and waited for). "Without": the same daemon, same quorum over the same
+//!   local disk, with the replication child removed (as before COLO starts).
+//!   The two alternate on the same daemons, attaching and detaching the
+//!   replication child between runs (not timed).
+//! * Secondary: rewrites of already-copied clusters on the secondary disk
+//!   (exported over NBD as the primary's forwarded writes reach it) with a
+//!   backup sync=none job into a hidden disk running (one untimed pass
+//!   copies every cluster first), vs the same two passes with no job.
+//!
+//! Throughput and latency come from the writer itself (its time runs from
+//! the first request to the end of the final flush; connecting and closing
+//! are outside), p99 is per request.
+
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use serde_json::{json, Value};
+
+use super::{run_ok, show, wait_nbd, Harness, Qmp, Row, KIB, MIB};
+
+/// Figure name of the primary rows (its target is 0.8).
+pub(super) const PRIMARY: &str =
+    "4. Replication overhead, primary (peer: same daemon, no replication)";
+/// Figure name of the secondary rows (its target is 0.9).
+pub(super) const SECONDARY: &str =
+    "4. Replication overhead, secondary rewrites (peer: same daemon, no backup job)";
+
+/// Method of the primary rows, printed under the figure's heading.
+pub(super) const PRIMARY_INTRO: &str = "The guest is `blockrep img bench -w --latency` (release \
+build, our NBD client) writing to the primary daemon's NBD export (unix socket) of the \
+guest-visible quorum node over a pre-filled local qcow2 disk. Ours (\"with\"): a \
+replication(primary) node over an NBD client to a secondary daemon (replication running, \
+secondary disk pre-filled, over loopback unix-socket NBD) is the quorum's second child, so \
+every write is forwarded and waited for. Peer (\"without\"): the same daemon, same quorum over \
+the same local disk, the replication child detached (`xen-set-replication` off, \
+`x-blockdev-change` child removed, `blockdev-del`): the state before COLO starts. Runs \
+alternate on the same daemons; attaching and detaching are not timed. Throughput and p99 \
+are the writer's own: from the first request to the end of its final flush, and the p99 of \
+its per-request latencies (nearest rank). Target: ratio >= 0.8.";
+
+/// Method of the secondary rows, printed under the figure's heading.
+pub(super) const SECONDARY_INTRO: &str = "The secondary disk (pre-filled qcow2) exported by a \
+daemon over NBD (unix socket), where the primary's forwarded writes arrive. Ours: a backup \
+sync=none job (`blockdev-backup`, as replication's secondary starts) into a fresh hidden \
+qcow2 backed by the secondary disk; one untimed pass writes every cluster of the region \
+(each first write copies it into the hidden disk), then the timed pass rewrites them \
+(already copied: no copy). Peer: the same two passes with no job. Writer and timing as \
+above. Target: ratio >= 0.9.";
+
+/// One writer run: (seconds through the final flush, p99 latency in µs).
+fn run_writer(cmd: &mut Command) -> Result<(f64, f64), String> {
+    let o = cmd
+        .stdin(std::process::Stdio::null())
+        .output()
+        .map_err(|e| format!("{cmd:?}: {e}"))?;
+    if !o.status.success() {
+        return Err(format!(
+            "{} failed ({}):\n{}{}",
+            show(cmd),
+            o.status,
+            String::from_utf8_lossy(&o.stdout),
+            String::from_utf8_lossy(&o.stderr)
+        ));
+    }
+    let text = String::from_utf8_lossy(&o.stdout);
+    let line = text
+        .lines()
+        .rev()
+        .find(|l| l.starts_with('{'))
+        .ok_or_else(|| format!("{}: no JSON line in its output: {text}", show(cmd)))?;
+    let v: Value = serde_json::from_str(line).map_err(|e| format!("writer JSON '{line}': {e}"))?;
+    let secs = v["seconds"]
+        .as_f64()
+        .ok_or_else(|| format!("writer JSON without seconds: {line}"))?;
+    let p99 = v["latency-us"]["p99"]
+        .as_f64()
+        .ok_or_else(|| format!("writer JSON without latency-us.p99: {line}"))?;
+    Ok((secs, p99))
+}
+
+/// A side of a latency row: prepares (untimed) and returns the writer command.
+type LatSide<'a> = dyn FnMut() -> Result<Command, String> + 'a;
+
+impl Harness {
+    /// The guest-side writer: `count` sequential `bs` writes at depth `depth`.
+    fn writer(&self, uri: &str, bs: u64, depth: u64, count: u64, pattern: u8) -> Command {
+        let mut c = self.ours_img();
+        c.args(["bench", "-q", "-f", "raw", "-w", "--latency"])
+            .arg(format!("--pattern={pattern}"))
+            .arg("-d")
+            .arg(depth.to_string())
+            .arg("-c")
+            .arg(count.to_string())
+            .arg("-s")
+            .arg(bs.to_string())
+            .arg(uri);
+        c
+    }
+
+    /// Like `alternate`, but times with the writer's own figures and keeps
+    /// each run's p99.
+    fn alternate_lat(
+        &self,
+        figure: &'static str,
+        name: String,
+        bytes: u64,
+        ours: &mut LatSide<'_>,
+        peer: &mut LatSide<'_>,
+    ) -> Result<Row, String> {
+        eprintln!("xtask bench: {figure}: {name}");
+        let (mut o, mut p, mut ol, mut pl) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+        let (mut ours_cmd, mut peer_cmd) = (String::new(), String::new());
+        for rep in 0..=self.reps {
+            let mut c = ours()?;
+            ours_cmd = show(&c);
+            let (to, lo) = run_writer(&mut c)?;
+            let mut c = peer()?;
+            peer_cmd = show(&c);
+            let (tp, lp) = run_writer(&mut c)?;
+            if rep > 0 {
+                o.push(to);
+                p.push(tp);
+                ol.push(lo);
+                pl.push(lp);
+            }
+        }
+        Ok(Row {
+            figure,
+            name,
+            bytes,
+            ours_cmd,
+            peer_cmd,
+            ours: o,
+            peer: p,
+            p99: Some((ol, pl)),
+        })
+    }
+
+    /// Figure 4 (both parts).
+    pub(super) fn overhead(&self, rows: &mut Vec<Row>) -> Result<(), String> {
+        let r = self.overhead_primary(rows);
+        let s = self.overhead_secondary(rows);
+        r.and(s)
+    }
+
+    fn overhead_primary(&self, rows: &mut Vec<Row>) -> Result<(), String> {
+        let size = if self.quick { 32 * MIB } else { 256 * MIB };
+        let dir = self.work.join("overhead");
+        let _ = std::fs::remove_dir_all(&dir);
+        let (mut sec, sec_uri, _guest) = self.start_secondary(&dir.join("sec"), size, true)?;
+        let sec_sock = sec_uri
+            .split_once("socket=")
+            .map(|(_, s)| s.to_string())
+            .ok_or("no socket in the secondary's URI")?;
+        let pri_img = dir.join("pri.qcow2");
+        self.prefilled(&pri_img, size)?;
+        let qmp_path = dir.join("pri.qmp");
+        let mut pri = self.spawn_serve(&qmp_path, &dir.join("pri.log"))?;
+        let sock = dir.join("pri-nbd.sock");
+        let uri = format!("nbd+unix:///disk0?socket={}", sock.display());
+        let setup = (|| {
+            let mut q = Qmp::connect(&qmp_path)?;
+            q.ok(
+                "blockdev-add",
+                json!({"driver": "qcow2", "node-name": "local",
+                       "file": {"driver": "file", "filename": pri_img}}),
+            )?;
+            q.ok(
+                "blockdev-add",
+                json!({"driver": "quorum", "node-name": "colo-disk0", "vote-threshold": 1,
+                       "read-pattern": "fifo", "children": ["local"]}),
+            )?;
+            q.ok(
+                "nbd-server-start",
+                json!({"addr": {"type": "unix", "data": {"path": sock}}}),
+            )?;
+            q.ok(
+                "nbd-server-add",
+                json!({"device": "colo-disk0", "name": "disk0", "writable": true}),
+            )?;
+            wait_nbd(&uri)?;
+            Ok::<Qmp, String>(q)
+        })();
+        let q = match setup {
+            Ok(q) => std::cell::RefCell::new(q),
+            Err(e) => {
+                pri.stop();
+                sec.stop();
+                return Err(e);
+            }
+        };
+        let sec_q = std::cell::RefCell::new(sec.qmp.take());
+        let attached = std::cell::Cell::new(false);
+        // Bytes the primary had forwarded when the current "with" run began.
+        let forwarded_at = std::cell::Cell::new(None::<(u64, u64)>);
+        let forwarded = |q: &mut Qmp| -> Result<u64, String> {
+            let st = q.ok("x-blockrep-query-replication", json!({"node-name": "rep0"}))?;
+            st[0]["bytes-forwarded"]
+                .as_u64()
+                .ok_or_else(|| format!("no bytes-forwarded in {st}"))
+        };
+        let detach = || -> Result<(), String> {
+            if !attached.get() {
+                return Ok(());
+            }
+            let mut q = q.borrow_mut();
+            // The run must really have gone through replication.
+            if let Some((before, want)) = forwarded_at.take() {
+                let now = forwarded(&mut q)?;
+                if now < before + want {
+                    return Err(format!(
+                        "the primary forwarded {} bytes during a run of {want}",
+                        now - before
+                    ));
+                }
+            }
+            q.ok(
+                "xen-set-replication",
+                json!({"enable": false, "primary": true}),
+            )?;
+            q.ok(
+                "x-blockdev-change",
+                json!({"parent": "colo-disk0", "child": "children.1"}),
+            )?;
+            q.ok("blockdev-del", json!({"node-name": "rep0"}))?;
+            attached.set(false);
+            Ok(())
+        };
+        let attach = |checkpoint: bool, bytes: u64| -> Result<(), String> {
+            detach()?;
+            let mut q = q.borrow_mut();
+            q.ok(
+                "blockdev-add",
+                json!({"driver": "replication", "node-name": "rep0", "mode": "primary",
+                       "file": {"driver": "nbd", "export": "sec",
+                                "server": {"type": "unix", "path": sec_sock},
+                                "reconnect-delay": 0}}),
+            )?;
+            q.ok(
+                "x-blockdev-change",
+                json!({"parent": "colo-disk0", "node": "rep0"}),
+            )?;
+            q.ok(
+                "xen-set-replication",
+                json!({"enable": true, "primary": true}),
+            )?;
+            attached.set(true);
+            if checkpoint {
+                q.ok("xen-colo-do-checkpoint", json!({}))?;
+                let mut sq = sec_q.borrow_mut();
+                let sq = sq.as_mut().ok_or("no secondary QMP")?;
+                sq.ok("xen-colo-do-checkpoint", json!({}))?;
+            }
+            forwarded_at.set(Some((forwarded(&mut q)?, bytes)));
+            Ok(())
+        };
+        let cases: &[(u64, u64, bool)] = if self.quick {
+            &[(64 * KIB, 1, false), (64 * KIB, 16, false)]
+        } else {
+            &[
+                (64 * KIB, 1, false),
+                (64 * KIB, 16, false),
+                (4 * KIB, 1, false),
+                (64 * KIB, 1, true),
+            ]
+        };
+        let result = (|| {
+            for &(bs, depth, ckpt) in cases {
+                // 4 KiB rows write a quarter of the disk (4 KiB requests cost
+                // per request, not per byte).
+                let region = if bs < 64 * KIB { size / 4 } else { size };
+                let count = region / bs;
+                let mut ours = || {
+                    attach(ckpt, count * bs)?;
+                    Ok(self.writer(&uri, bs, depth, count, 0x41))
+                };
+                let mut peer = || {
+                    detach()?;
+                    Ok(self.writer(&uri, bs, depth, count, 0x42))
+                };
+                let name = format!(
+                    "{} KiB seq writes, -d {depth}, {} MiB{}",
+                    bs / KIB,
+                    region / MIB,
+                    if ckpt {
+                        ", checkpoint before each replicated run (each forwarded write \
+                         copies a cluster on the secondary)"
+                    } else {
+                        ", secondary clusters already copied since the last checkpoint"
+                    }
+                );
+                rows.push(self.alternate_lat(PRIMARY, name, count * bs, &mut ours, &mut peer)?);
+            }
+            detach()
+        })();
+        drop(q);
+        sec.qmp = sec_q.into_inner();
+        pri.stop();
+        sec.stop();
+        result
+    }
+
+    fn overhead_secondary(&self, rows: &mut Vec<Row>) -> Result<(), String> {
+        let size = if self.quick { 32 * MIB } else { 256 * MIB };
+        let dir = self.work.join("rewrite");
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).map_err(|e| e.to_string())?;
+        let sec = dir.join("secondary.qcow2");
+        self.prefilled(&sec, size)?;
+        let qmp_path = dir.join("serve.qmp");
+        let mut servers = self.spawn_serve(&qmp_path, &dir.join("serve.log"))?;
+        let sock = dir.join("nbd.sock");
+        let uri = format!("nbd+unix:///sec?socket={}", sock.display());
+        let q = (|| {
+            let mut q = Qmp::connect(&qmp_path)?;
+            q.ok(
+                "blockdev-add",
+                json!({"driver": "qcow2", "node-name": "sec-disk",
+                       "file": {"driver": "file", "filename": sec}}),
+            )?;
+            q.ok(
+                "nbd-server-start",
+                json!({"addr": {"type": "unix", "data": {"path": sock}}}),
+            )?;
+            q.ok(
+                "nbd-server-add",
+                json!({"device": "sec-disk", "name": "sec", "writable": true}),
+            )?;
+            wait_nbd(&uri)?;
+            Ok::<Qmp, String>(q)
+        })();
+        let q = match q {
+            Ok(q) => std::cell::RefCell::new(q),
+            Err(e) => {
+                servers.stop();
+                return Err(e);
+            }
+        };
+        let hidden = dir.join("hidden.qcow2");
+        let job_up = std::cell::Cell::new(false);
+        let stop_job = || -> Result<(), String> {
+            if !job_up.get() {
+                return Ok(());
+            }
+            let mut q = q.borrow_mut();
+            let jobs = q.ok("query-block-jobs", json!({}))?;
+            if !jobs
+                .as_array()
+                .is_some_and(|a| a.iter().any(|j| j["device"] == json!("rw")))
+            {
+                return Err(format!("the backup job was gone after the run: {jobs}"));
+            }
+            q.ok("block-job-cancel", json!({"device": "rw", "force": true}))?;
+            let deadline = Instant::now() + Duration::from_secs(60);
+            loop {
+                let jobs = q.ok("query-block-jobs", json!({}))?;
+                if jobs.as_array().is_some_and(|a| a.is_empty()) {
+                    break;
+                }
+                if Instant::now() > deadline {
+                    return Err(format!("backup job still listed after cancel: {jobs}"));
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            q.ok("blockdev-del", json!({"node-name": "hidden"}))?;
+            job_up.set(false);
+            Ok(())
+        };
+        let cases: &[(u64, u64)] = if self.quick {
+            &[(64 * KIB, 1), (64 * KIB, 16)]
+        } else {
+            &[(64 * KIB, 1), (64 * KIB, 16), (4 * KIB, 1)]
+        };
+        let result = (|| {
+            for &(bs, depth) in cases {
+                let region = if bs < 64 * KIB { size / 4 } else { size };
+                let count = region / bs;
+                let first_pass = |pattern: u8| {
+                    let mut c = self.writer(&uri, bs, depth, count, pattern);
+                    run_writer(&mut c).map(|_| ())
+                };
+                let mut ours = || {
+                    stop_job()?;
+                    let _ = std::fs::remove_file(&hidden);
+                    run_ok(
+                        self.qemu_img()
+                            .args(["create", "-q", "-f", "qcow2", "-o", "cluster_size=65536"])
+                            .arg(&hidden)
+                            .arg(size.to_string()),
+                    )?;
+                    {
+                        let mut q = q.borrow_mut();
+                        q.ok(
+                            "blockdev-add",
+                            json!({"driver": "qcow2", "node-name": "hidden",
+                                   "file": {"driver": "file", "filename": hidden},
+                                   "backing": "sec-disk"}),
+                        )?;
+                        q.ok(
+                            "blockdev-backup",
+                            json!({"device": "sec-disk", "target": "hidden", "sync": "none",
+                                   "job-id": "rw"}),
+                        )?;
+                    }
+                    job_up.set(true);
+                    // Untimed: every cluster of the region is copied once.
+                    first_pass(0x51)?;
+                    Ok(self.writer(&uri, bs, depth, count, 0x52))
+                };
+                let mut peer = || {
+                    stop_job()?;
+                    first_pass(0x53)?;
+                    Ok(self.writer(&uri, bs, depth, count, 0x54))
+                };
+                let name = format!(
+                    "{} KiB rewrites over NBD (unix), -d {depth}, {} MiB, with backup \
+                     sync=none (clusters already copied) vs without",
+                    bs / KIB,
+                    region / MIB
+                );
+                rows.push(self.alternate_lat(SECONDARY, name, count * bs, &mut ours, &mut peer)?);
+            }
+            stop_job()
+        })();
+        drop(q);
+        servers.stop();
+        result
+    }
+}
