@@ -25,6 +25,55 @@ pub(crate) struct GraphInner {
     next_node: AtomicU64,
     next_backend: AtomicU64,
     subscribers: Mutex<Vec<crossbeam_channel::Sender<GraphEvent>>>,
+    /// Drain listeners: (id, watched nodes, listener).
+    drain_listeners: Mutex<Vec<ListenerEntry>>,
+    next_listener: AtomicU64,
+}
+
+type ListenerEntry = (u64, Vec<Weak<Node>>, Arc<dyn DrainListener>);
+
+/// Told when a drained section covers nodes it watches (QEMU's
+/// `drained_begin`/`drained_poll`/`drained_end` child callbacks, as block
+/// jobs use them to pause). Register with [`Graph::add_drain_listener`].
+///
+/// A section covers a watched node when the node is in the section's closure
+/// (the drained nodes, their subtrees and all their ancestors). Each call gets
+/// the id of the thread that began the section, so a user can ignore its own
+/// sections. Nested sections call the listener once each.
+pub trait DrainListener: Send + Sync {
+    /// A section begins; called before its nodes are marked drained (so the
+    /// user's own in-flight requests can still finish). Must not block.
+    fn drained_begin(&self, owner: ThreadId);
+    /// Called after every listener's `drained_begin`, still before the nodes
+    /// are marked drained: block until the user issues no more requests (a
+    /// job parked at a pause point). Must return in bounded time even if the
+    /// user cannot get there (the nodes' own drain still holds its requests).
+    fn drained_wait(&self, _owner: ThreadId) {}
+    /// The section ended; called after its nodes were released.
+    fn drained_end(&self, owner: ThreadId);
+}
+
+/// Keeps a drain listener registered; dropping it unregisters the listener
+/// (a section already begun still gets its `drained_end`).
+pub struct DrainListenerGuard {
+    graph: Weak<GraphInner>,
+    id: u64,
+}
+
+impl std::fmt::Debug for DrainListenerGuard {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("DrainListenerGuard")
+            .field("id", &self.id)
+            .finish()
+    }
+}
+
+impl Drop for DrainListenerGuard {
+    fn drop(&mut self) {
+        if let Some(g) = self.graph.upgrade() {
+            g.drain_listeners.lock().retain(|(id, _, _)| *id != self.id);
+        }
+    }
 }
 
 /// The block graph. Cheap to clone (an `Arc` inside), `Send + Sync`.
@@ -236,6 +285,7 @@ impl<'a> OpenContext<'a> {
 pub struct DrainGuard {
     nodes: Vec<NodeRef>,
     backends: Vec<Arc<BackendInner>>,
+    listeners: Vec<Arc<dyn DrainListener>>,
     owner: ThreadId,
 }
 
@@ -255,6 +305,9 @@ impl Drop for DrainGuard {
         for n in &self.nodes {
             n.drain_end(self.owner);
         }
+        for l in &self.listeners {
+            l.drained_end(self.owner);
+        }
     }
 }
 
@@ -273,6 +326,8 @@ impl Graph {
                 next_node: AtomicU64::new(1),
                 next_backend: AtomicU64::new(1),
                 subscribers: Mutex::new(Vec::new()),
+                drain_listeners: Mutex::new(Vec::new()),
+                next_listener: AtomicU64::new(1),
             }),
         };
         crate::drivers::register_builtin(&g);
@@ -551,6 +606,25 @@ impl Graph {
             let _l = self.inner.lock.lock();
             drain_closure(nodes)
         };
+        let keys: HashSet<usize> = set.iter().map(|n| key(n)).collect();
+        let listeners: Vec<Arc<dyn DrainListener>> = self
+            .inner
+            .drain_listeners
+            .lock()
+            .iter()
+            .filter(|(_, watched, _)| {
+                watched
+                    .iter()
+                    .any(|w| keys.contains(&(Weak::as_ptr(w) as usize)))
+            })
+            .map(|(_, _, l)| l.clone())
+            .collect();
+        for l in &listeners {
+            l.drained_begin(owner);
+        }
+        for l in &listeners {
+            l.drained_wait(owner);
+        }
         for b in &backends {
             b.drain_begin(owner);
         }
@@ -566,7 +640,28 @@ impl Graph {
         DrainGuard {
             nodes: set,
             backends,
+            listeners,
             owner,
+        }
+    }
+
+    /// Registers `listener` for drained sections covering any of `nodes`
+    /// (see [`DrainListener`]); it stays registered while the guard lives.
+    /// The graph holds the nodes weakly: a removed node is simply never drained.
+    pub fn add_drain_listener(
+        &self,
+        nodes: &[NodeRef],
+        listener: Arc<dyn DrainListener>,
+    ) -> DrainListenerGuard {
+        let id = self.inner.next_listener.fetch_add(1, Ordering::Relaxed);
+        let watched = nodes.iter().map(Arc::downgrade).collect();
+        self.inner
+            .drain_listeners
+            .lock()
+            .push((id, watched, listener));
+        DrainListenerGuard {
+            graph: Arc::downgrade(&self.inner),
+            id,
         }
     }
 

@@ -40,7 +40,10 @@ pub use driver::{
     Mapping, ReopenOpts, Role, WriteFlags, ZeroFlags,
 };
 pub use error::{Error, ErrorKind, Result};
-pub use graph::{ChildOption, DrainGuard, DriverFactory, Graph, GraphEvent, OpenContext};
+pub use graph::{
+    ChildOption, DrainGuard, DrainListener, DrainListenerGuard, DriverFactory, Graph, GraphEvent,
+    OpenContext,
+};
 pub use node::{BlockerGuard, IoKind, NestedScope, Node, NodeRef, NodeStats, OpStats, SerialGuard};
 pub use options::{resolve_backing_path, validate_node_name, OptionMap, MAX_BACKING_DEPTH};
 pub use perm::{BlockOp, PermPair, Perms};

@@ -301,6 +301,13 @@ impl JobDriver for BackupDriver {
         JobType::Backup
     }
 
+    fn drained_nodes(&self) -> Option<(Graph, Vec<NodeRef>)> {
+        Some((
+            self.graph.clone(),
+            vec![self.source.clone(), self.target.clone()],
+        ))
+    }
+
     fn run(&mut self, ctx: &JobContext) -> Result<()> {
         match self.sync {
             BackupSync::None => self.run_none(ctx),

@@ -12,13 +12,15 @@
 //! guard (so a concurrent guest write to the same range cannot be overwritten
 //! with older data); then `top`'s backing becomes `base` (or nothing).
 
+use std::collections::VecDeque;
 use std::time::Duration;
+
+use crossbeam_channel::{Receiver, Sender};
 
 use block_graph::{
     BlockOp, BlockerGuard, ErrorKind as GKind, Graph, Mapping, NodeRef, Role, WriteFlags, ZeroFlags,
 };
 
-use crate::cbw::copy_range_op;
 use crate::error::{ErrorKind, JobError, Result};
 use crate::job::{
     ErrorAction, IoOperation, Job, JobContext, JobDriver, JobManager, JobOptions, JobType,
@@ -27,8 +29,137 @@ use crate::job::{
 /// Largest copy request.
 const CHUNK: u64 = 1 << 20;
 
-/// Copy requests in flight at once (plain commit).
-const IN_FLIGHT: usize = 8;
+/// Copy requests in flight at once (plain commit): one worker thread each.
+const IN_FLIGHT: usize = 4;
+
+type CopyResult = std::result::Result<(), (IoOperation, block_graph::Error)>;
+
+/// Copy one chunk `src -> dst` through the worker's own buffer; all-zero
+/// data becomes a zero write (the base stays sparse where it can).
+fn copy_chunk(src: &NodeRef, dst: &NodeRef, (off, n): (u64, u64), buf: &mut [u8]) -> CopyResult {
+    let b = &mut buf[..n as usize];
+    src.read(off, b).map_err(|e| (IoOperation::Read, e))?;
+    let w = if b.iter().all(|&x| x == 0) {
+        dst.write_zeroes(off, n, ZeroFlags::default())
+    } else {
+        dst.write(off, b, WriteFlags::default())
+    };
+    w.map_err(|e| (IoOperation::Write, e))
+}
+
+/// Copy `chunks` from `src` to `dst` with [`IN_FLIGHT`] long-lived worker
+/// threads fed one chunk at a time, so reads and writes of different chunks
+/// overlap with no barrier between batches (the earlier version copied
+/// batches of 8 on freshly spawned threads and waited for the slowest).
+///
+/// The job thread dispatches, throttles and applies the error policies. It
+/// waits until nothing is in flight before it parks at a pause point, before
+/// a throttle that would sleep, and before handling failed chunks (which go
+/// back to the queue for a retry on ignore/stop): a paused job, or one in a
+/// drained section, has no copy request in flight.
+fn copy_pipelined(
+    ctx: &JobContext,
+    src: &NodeRef,
+    dst: &NodeRef,
+    mut chunks: VecDeque<(u64, u64)>,
+) -> Result<()> {
+    let (work_tx, work_rx) = crossbeam_channel::bounded::<(u64, u64)>(0);
+    let (done_tx, done_rx) = crossbeam_channel::unbounded::<((u64, u64), CopyResult)>();
+    std::thread::scope(|s| {
+        for _ in 0..IN_FLIGHT {
+            let (rx, tx) = (work_rx.clone(), done_tx.clone());
+            s.spawn(move || {
+                let mut buf = vec![0u8; CHUNK as usize];
+                for c in rx.iter() {
+                    let r = copy_chunk(src, dst, c, &mut buf);
+                    if tx.send((c, r)).is_err() {
+                        break;
+                    }
+                }
+            });
+        }
+        drop(done_tx);
+        let res = dispatch(ctx, &work_tx, &done_rx, &mut chunks);
+        // workers end when the work channel closes (after their current chunk)
+        drop(work_tx);
+        res
+    })
+}
+
+fn dispatch(
+    ctx: &JobContext,
+    work_tx: &Sender<(u64, u64)>,
+    done_rx: &Receiver<((u64, u64), CopyResult)>,
+    chunks: &mut VecDeque<(u64, u64)>,
+) -> Result<()> {
+    let mut in_flight = 0usize;
+    let mut failed: Vec<((u64, u64), IoOperation, block_graph::Error)> = Vec::new();
+    // The first copy runs alone: qcow-lite switches an image reopened
+    // read-write to its writable state on the first write, and concurrent
+    // first writes can still see the read-only image.
+    let mut first = true;
+    let recv_one = |in_flight: &mut usize, failed: &mut Vec<_>| -> Result<()> {
+        let (c, r): ((u64, u64), CopyResult) = done_rx.recv().map_err(|_| {
+            JobError::from(block_graph::Error::new(
+                GKind::Io,
+                "commit copy worker ended",
+            ))
+        })?;
+        *in_flight -= 1;
+        match r {
+            Ok(()) => ctx.add_progress(c.1),
+            Err((op, e)) => failed.push((c, op, e)),
+        }
+        Ok(())
+    };
+    loop {
+        // quiesce before parking, sleeping for the limit or handling errors
+        let quiesce = ctx.pause_requested() || ctx.throttle_would_wait() || !failed.is_empty();
+        if quiesce {
+            while in_flight > 0 {
+                recv_one(&mut in_flight, &mut failed)?;
+            }
+        }
+        for (c, op, e) in failed.drain(..) {
+            let je = JobError::from(e);
+            match ctx.io_error(op, &je) {
+                ErrorAction::Report => return Err(je),
+                ErrorAction::Ignore | ErrorAction::Stop => chunks.push_back(c),
+            }
+        }
+        ctx.pause_point();
+        if ctx.is_cancelled() {
+            while in_flight > 0 {
+                recv_one(&mut in_flight, &mut failed)?;
+            }
+            return Ok(());
+        }
+        if chunks.is_empty() && in_flight == 0 {
+            return Ok(());
+        }
+        if in_flight < IN_FLIGHT && !chunks.is_empty() {
+            let c = chunks.pop_front().unwrap_or_default();
+            ctx.throttle(c.1);
+            if ctx.is_cancelled() {
+                chunks.push_front(c);
+                continue;
+            }
+            if work_tx.send(c).is_err() {
+                return Err(JobError::from(block_graph::Error::new(
+                    GKind::Io,
+                    "commit copy workers ended",
+                )));
+            }
+            in_flight += 1;
+            if first {
+                recv_one(&mut in_flight, &mut failed)?;
+                first = !failed.is_empty();
+            }
+        } else {
+            recv_one(&mut in_flight, &mut failed)?;
+        }
+    }
+}
 
 /// Options of a plain commit or a stream.
 #[derive(Debug, Clone, Default)]
@@ -180,6 +311,13 @@ impl JobDriver for CommitDriver {
         JobType::Commit
     }
 
+    fn drained_nodes(&self) -> Option<(Graph, Vec<NodeRef>)> {
+        Some((
+            self.graph.clone(),
+            vec![self.top.clone(), self.base.clone()],
+        ))
+    }
+
     fn run(&mut self, ctx: &JobContext) -> Result<()> {
         let len = self.top.len().min(self.base.len());
         // length to copy: everything allocated above base
@@ -196,8 +334,8 @@ impl JobDriver for CommitDriver {
             off += run;
         }
         ctx.set_len(runs.iter().map(|r| r.1).sum());
-        // chunks of at most CHUNK bytes, copied IN_FLIGHT at a time
-        let mut chunks: std::collections::VecDeque<(u64, u64)> = runs
+        // chunks of at most CHUNK bytes
+        let chunks: VecDeque<(u64, u64)> = runs
             .iter()
             .flat_map(|&(off, run)| {
                 (0..run.div_ceil(CHUNK)).map(move |i| {
@@ -206,48 +344,7 @@ impl JobDriver for CommitDriver {
                 })
             })
             .collect();
-        // The first copy runs alone: qcow-lite switches an image reopened
-        // read-write to its writable state on the first write, and concurrent
-        // first writes can still see the read-only image.
-        let mut width = 1;
-        while !chunks.is_empty() {
-            ctx.pause_point();
-            if ctx.is_cancelled() {
-                return Ok(());
-            }
-            let batch: Vec<(u64, u64)> = (0..width).map_while(|_| chunks.pop_front()).collect();
-            width = IN_FLIGHT;
-            ctx.throttle(batch.iter().map(|c| c.1).sum());
-            let (top, base) = (&self.top, &self.base);
-            let results: Vec<_> = std::thread::scope(|s| {
-                let hs: Vec<_> = batch
-                    .iter()
-                    .map(|&(o, n)| s.spawn(move || copy_range_op(top, base, o..o + n)))
-                    .collect();
-                hs.into_iter()
-                    .map(|h| {
-                        h.join().unwrap_or_else(|_| {
-                            Err((
-                                IoOperation::Write,
-                                block_graph::Error::new(GKind::Io, "copy thread panicked"),
-                            ))
-                        })
-                    })
-                    .collect()
-            });
-            for (c, r) in batch.into_iter().zip(results) {
-                match r {
-                    Ok(()) => ctx.add_progress(c.1),
-                    Err((op, e)) => {
-                        let je = JobError::from(e);
-                        match ctx.io_error(op, &je) {
-                            ErrorAction::Report => return Err(je),
-                            ErrorAction::Ignore | ErrorAction::Stop => chunks.push_back(c),
-                        }
-                    }
-                }
-            }
-        }
+        copy_pipelined(ctx, &self.top, &self.base, chunks)?;
         self.base.flush()?;
         Ok(())
     }
@@ -378,6 +475,12 @@ impl StreamDriver {
 impl JobDriver for StreamDriver {
     fn job_type(&self) -> JobType {
         JobType::Stream
+    }
+
+    fn drained_nodes(&self) -> Option<(Graph, Vec<NodeRef>)> {
+        let mut nodes = vec![self.top.clone()];
+        nodes.extend(self.base.clone());
+        Some((self.graph.clone(), nodes))
     }
 
     fn run(&mut self, ctx: &JobContext) -> Result<()> {

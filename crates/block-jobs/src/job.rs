@@ -7,7 +7,10 @@
 use std::fmt;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Weak};
+use std::thread::ThreadId;
 use std::time::{Duration, Instant};
+
+use block_graph::{DrainListener, DrainListenerGuard, Graph, NodeRef};
 
 use crossbeam_channel::{Receiver, Sender};
 use parking_lot::{Condvar, Mutex};
@@ -393,7 +396,21 @@ pub trait JobDriver: Send + 'static {
     fn abort(&mut self, _ctx: &JobContext) {}
     /// Always last: release what the job holds (filters, blockers).
     fn clean(&mut self, _ctx: &JobContext) {}
+    /// The graph and the nodes the job reads or writes: drained sections
+    /// covering any of them pause the job (see [`DRAIN_PARK_TIMEOUT`]).
+    /// None: drains do not pause it.
+    fn drained_nodes(&self) -> Option<(Graph, Vec<NodeRef>)> {
+        None
+    }
 }
+
+/// How long a drained section begun by another thread waits for a job using
+/// its nodes to park at its next pause point (status `paused`, or `standby`
+/// when ready) before it goes on regardless. The section is safe either way:
+/// the nodes' own drain holds any later request of the job; the bound only
+/// keeps a job that cannot reach a pause point (it waits for the draining
+/// thread) from stalling the section for ever.
+pub const DRAIN_PARK_TIMEOUT: Duration = Duration::from_secs(2);
 
 #[derive(Debug)]
 struct State {
@@ -410,6 +427,12 @@ struct State {
     speed_changed: bool,
     outcome: Option<JobOutcome>,
     error_msg: Option<String>,
+    /// The job thread, once started (its own drained sections do not pause it).
+    thread: Option<ThreadId>,
+    /// The driver's `run` has not returned yet (it still has pause points).
+    in_run: bool,
+    /// Owners of the drained sections that paused the job (one entry each).
+    drain_pauses: Vec<ThreadId>,
 }
 
 struct JobInner {
@@ -422,6 +445,8 @@ struct JobInner {
     len: AtomicU64,
     subscribers: Mutex<Vec<Sender<JobEvent>>>,
     manager: Weak<ManagerInner>,
+    /// Keeps the drain listener registered while the job runs.
+    drain_watch: Mutex<Option<DrainListenerGuard>>,
 }
 
 /// A handle on a job; cheap to clone, `Send + Sync`.
@@ -772,6 +797,8 @@ impl JobContext {
         if prev.can_transition(parked_status) {
             self.job.transition_locked(&mut st, parked_status);
         }
+        // time spent parked is not lateness for the speed limit
+        self.limit.lock().mark_idle();
         st.parked = true;
         inner.cond.notify_all();
         while st.pause_count > 0 && !st.cancel_requested {
@@ -781,6 +808,27 @@ impl JobContext {
         if st.status != prev && st.status.can_transition(prev) {
             self.job.transition_locked(&mut st, prev);
         }
+    }
+
+    /// A pause (user, error policy or drained section) waits for the next
+    /// pause point; a job with requests in flight finishes them first.
+    pub fn pause_requested(&self) -> bool {
+        let st = self.job.inner.state.lock();
+        st.pause_count > 0 && !st.cancel_requested
+    }
+
+    /// Whether [`JobContext::throttle`] would sleep now (the speed limit is in
+    /// debt); a job with requests in flight finishes them first, so that a
+    /// pause arriving during the sleep finds nothing in flight.
+    pub fn throttle_would_wait(&self) -> bool {
+        {
+            let mut st = self.job.inner.state.lock();
+            if st.speed_changed {
+                st.speed_changed = false;
+                self.limit.lock().set_speed(st.speed);
+            }
+        }
+        !self.limit.lock().delay().is_zero()
     }
 
     /// Mark the job ready (emits `BLOCK_JOB_READY`); idempotent.
@@ -855,7 +903,10 @@ impl JobContext {
 
     /// Sleep up to `d`; returns true if woken early by cancel, pause, complete
     /// or kick.
+    /// The job is idle by its own choice meanwhile: the speed limit does not
+    /// let it catch up the time slept (see [`crate::RateLimit::mark_idle`]).
     pub fn sleep(&self, d: Duration) -> bool {
+        self.limit.lock().mark_idle();
         self.sleep_inner(d, false)
     }
 
@@ -1001,8 +1052,19 @@ impl JobManager {
     }
 
     /// Register a job and start its thread.
+    /// Drained sections over the driver's [`JobDriver::drained_nodes`]
+    /// begun by other threads pause the job at its next pause point (status
+    /// `paused`, `standby` when ready, with their events) and resume it when
+    /// they end, as QEMU's jobs do; the section waits (bounded by
+    /// [`DRAIN_PARK_TIMEOUT`]) until the job parked.
     pub fn start(&self, driver: Box<dyn JobDriver>, opts: JobOptions) -> Result<Job> {
         let job = self.create(driver.job_type(), opts)?;
+        if let Some((graph, nodes)) = driver.drained_nodes() {
+            let l = Arc::new(DrainPause {
+                job: Arc::downgrade(&job.inner),
+            });
+            *job.inner.drain_watch.lock() = Some(graph.add_drain_listener(&nodes, l));
+        }
         spawn(job.clone(), driver)?;
         Ok(job)
     }
@@ -1041,12 +1103,16 @@ impl JobManager {
                     speed_changed: false,
                     outcome: None,
                     error_msg: None,
+                    thread: None,
+                    in_run: true,
+                    drain_pauses: Vec::new(),
                 }),
                 cond: Condvar::new(),
                 offset: AtomicU64::new(0),
                 len: AtomicU64::new(0),
                 subscribers: Mutex::new(Vec::new()),
                 manager: Arc::downgrade(&self.inner),
+                drain_watch: Mutex::new(None),
                 opts,
             }),
         };
@@ -1056,6 +1122,54 @@ impl JobManager {
         job.transition_locked(&mut st, JobStatus::Created);
         drop(st);
         Ok(job)
+    }
+}
+
+/// Pauses a job while drained sections begun by other threads cover its nodes.
+struct DrainPause {
+    job: Weak<JobInner>,
+}
+
+impl DrainListener for DrainPause {
+    fn drained_begin(&self, owner: ThreadId) {
+        let Some(inner) = self.job.upgrade() else {
+            return;
+        };
+        let mut st = inner.state.lock();
+        if st.thread == Some(owner) || st.outcome.is_some() {
+            return;
+        }
+        st.drain_pauses.push(owner);
+        st.pause_count += 1;
+        inner.cond.notify_all();
+    }
+
+    fn drained_wait(&self, owner: ThreadId) {
+        let Some(inner) = self.job.upgrade() else {
+            return;
+        };
+        let deadline = Instant::now() + DRAIN_PARK_TIMEOUT;
+        let mut st = inner.state.lock();
+        if !st.drain_pauses.contains(&owner) {
+            return;
+        }
+        while !(st.parked || !st.in_run || st.outcome.is_some() || st.cancel_requested) {
+            if inner.cond.wait_until(&mut st, deadline).timed_out() {
+                return;
+            }
+        }
+    }
+
+    fn drained_end(&self, owner: ThreadId) {
+        let Some(inner) = self.job.upgrade() else {
+            return;
+        };
+        let mut st = inner.state.lock();
+        if let Some(i) = st.drain_pauses.iter().position(|t| *t == owner) {
+            st.drain_pauses.swap_remove(i);
+            st.pause_count = st.pause_count.saturating_sub(1);
+            inner.cond.notify_all();
+        }
     }
 }
 
@@ -1082,10 +1196,16 @@ fn run_job(ctx: JobContext, mut driver: Box<dyn JobDriver>) {
     let job = ctx.job.clone();
     {
         let mut st = job.inner.state.lock();
+        st.thread = Some(std::thread::current().id());
         job.transition_locked(&mut st, JobStatus::Running);
     }
     // A pause requested while created takes effect at the first pause point.
     let res = driver.run(&ctx);
+    {
+        let mut st = job.inner.state.lock();
+        st.in_run = false;
+        job.inner.cond.notify_all();
+    }
     let cancelled =
         ctx.is_cancelled() || matches!(&res, Err(e) if e.kind() == ErrorKind::Cancelled);
     let mut outcome = match res {
@@ -1112,9 +1232,10 @@ fn run_job(ctx: JobContext, mut driver: Box<dyn JobDriver>) {
         driver.abort(&ctx);
     }
     driver.clean(&ctx);
-    // release everything the job holds (blockers, nodes) before anyone can
-    // see it concluded
+    // release everything the job holds (blockers, nodes, the drain
+    // listener) before anyone can see it concluded
     drop(driver);
+    drop(job.inner.drain_watch.lock().take());
     let mut st = job.inner.state.lock();
     if let JobOutcome::Failed(e) = &outcome {
         st.error_msg = Some(e.full_message());

@@ -24,7 +24,7 @@ pub use copy::{CopyTracker, ReadGuard};
 pub use error::{ErrorKind, JobError, Result};
 pub use job::{
     ErrorAction, IoOperation, Job, JobContext, JobDriver, JobEvent, JobInfo, JobManager,
-    JobOptions, JobOutcome, JobStatus, JobType, JobVerb, OnError,
+    JobOptions, JobOutcome, JobStatus, JobType, JobVerb, OnError, DRAIN_PARK_TIMEOUT,
 };
 pub use mirror::{DirtyMap, MirrorJob, MirrorOptions, MirrorSync, MirrorTop, MIRROR_TOP_DRIVER};
 pub use ratelimit::RateLimit;

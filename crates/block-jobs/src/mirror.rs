@@ -599,6 +599,13 @@ impl JobDriver for MirrorDriver {
         }
     }
 
+    fn drained_nodes(&self) -> Option<(Graph, Vec<NodeRef>)> {
+        Some((
+            self.graph.clone(),
+            vec![self.source.clone(), self.target.clone()],
+        ))
+    }
+
     fn run(&mut self, ctx: &JobContext) -> Result<()> {
         self.initial_dirty()?;
         let gran = self.dirty.granularity();
