@@ -9,6 +9,11 @@
 //! the local and secondary disks, over the NBD client for the link, under
 //! the qcow2 active and hidden disks (their image files).
 //!
+//! Checkpoint rows go on after what they record: the secondary guest writes,
+//! then a failover must leave exactly the checkpoint state plus that write if
+//! it was acknowledged (after a failed checkpoint too: see
+//! `replication-driver`'s "Failed secondary checkpoint").
+//!
 //! Each row runs the same script and records what it saw as one line
 //! (`Outcome::line`); the expected line of every row is in
 //! `fault_matrix.expected` (the table of `docs/reliability.md` explains it).
@@ -120,7 +125,14 @@ fn run(d: Disk, op: Op, errno: i32, phase: Phase) -> String {
             w(&p.pri.guest, 2 * MIB, 0x44).unwrap();
             let pc = p.pri.registry.checkpoint_all();
             let sc = p.sec.registry.checkpoint_all();
-            line.push(format!("checkpoint p/s {}/{}", res(&pc), res(&sc)));
+            // The secondary guest runs on after the checkpoint.
+            let sw = w(&p.sec.guest, 3 * MIB, 0x55);
+            line.push(format!(
+                "checkpoint p/s {}/{} sguest w {}",
+                res(&pc),
+                res(&sc),
+                res(&sw)
+            ));
         }
         Phase::Failover => {
             w(&p.pri.guest, 2 * MIB, 0x44).unwrap();
@@ -152,6 +164,29 @@ fn run(d: Disk, op: Op, errno: i32, phase: Phase) -> String {
         content(&p.sec_filter, MIB),
         content(&p.sec_filter, 2 * MIB),
     ));
+    if let Phase::Checkpoint = phase {
+        // Failover after the checkpoint, failed or not: the secondary must
+        // end with exactly the checkpoint state (the primary's data at 0 and
+        // 2 MiB, the checkpoint's 0x11 at 1 MiB where the secondary guest's
+        // earlier write was dropped with the buffers) plus the guest's write
+        // at 3 MiB if, and only if, it was acknowledged; never a mix.
+        let st = p.sec.registry.stop_all(true);
+        let done = p.sec.repl.wait_failover(Duration::from_secs(30));
+        line.push(format!(
+            "then failover {} finished {} error {} state {}; secdisk {}/{}/{}/{} sguest {}/{}/{}",
+            res(&st),
+            if done { "yes" } else { "NO" },
+            res(&p.sec.registry.get_error_all()),
+            p.sec.repl.state().as_str(),
+            content(&p.secondary, 0),
+            content(&p.secondary, MIB),
+            content(&p.secondary, 2 * MIB),
+            content(&p.secondary, 3 * MIB),
+            content(&p.sec_filter, MIB),
+            content(&p.sec_filter, 2 * MIB),
+            content(&p.sec_filter, 3 * MIB),
+        ));
+    }
     line.join("; ")
 }
 

@@ -89,6 +89,31 @@ pub(crate) struct Shared {
     failover_duration: Mutex<Option<Duration>>,
     registration: Mutex<Option<RegistrationHandle>>,
     state_handle: Mutex<Option<StateHandle>>,
+    /// Set while the active and hidden disks do not hold a usable view (a
+    /// checkpoint could not empty them, or the backup job is gone): secondary
+    /// guest I/O through the top fails with EIO meanwhile.
+    invalid_flag: AtomicBool,
+    invalid: Mutex<Option<Invalid>>,
+}
+
+/// Why the secondary's buffers (active and hidden disks) are invalid.
+#[derive(Clone)]
+struct Invalid {
+    reason: String,
+    /// True when the checkpoint state can still be rebuilt at failover: the
+    /// backup job's copy state was reset at the failed checkpoint, so every
+    /// cluster a forwarded write changed since then has its checkpoint
+    /// contents in the hidden disk (copy-before-write), and every other
+    /// cluster of the secondary disk still holds it.
+    restorable: bool,
+}
+
+fn buffers_eio(node: &Node) -> BlockError {
+    eio(
+        node,
+        "the secondary buffers are invalid (a checkpoint could not empty the active or \
+         hidden disk): I/O refused until a checkpoint succeeds",
+    )
 }
 
 fn eio(node: &Node, what: &str) -> BlockError {
@@ -130,6 +155,31 @@ impl Shared {
             .ok_or_else(|| self.err(ErrorKind::NotRunning, "the block graph is gone"))
     }
 
+    /// Marks the buffers invalid (the first reason is kept; a later
+    /// non-restorable cause makes the condition non-restorable).
+    fn set_invalid(&self, reason: String, restorable: bool) {
+        let mut g = self.invalid.lock();
+        match g.as_mut() {
+            Some(i) => i.restorable &= restorable,
+            None => *g = Some(Invalid { reason, restorable }),
+        }
+        self.invalid_flag.store(true, Ordering::Release);
+    }
+
+    fn clear_invalid(&self) {
+        let mut g = self.invalid.lock();
+        *g = None;
+        self.invalid_flag.store(false, Ordering::Release);
+    }
+
+    fn invalid(&self) -> Option<Invalid> {
+        self.invalid.lock().clone()
+    }
+
+    pub(crate) fn buffers_invalid(&self) -> Option<String> {
+        self.invalid.lock().as_ref().map(|i| i.reason.clone())
+    }
+
     fn record_error(&self, msg: String) {
         let mut e = self.error.lock();
         if e.is_none() {
@@ -163,6 +213,7 @@ impl Shared {
             last_checkpoint_at: at,
             last_checkpoint_duration: dur,
             failover_duration: *self.failover_duration.lock(),
+            buffers_invalid: self.buffers_invalid(),
         }
     }
 
@@ -200,10 +251,12 @@ impl Shared {
                     self.set_state(ReplicationState::None);
                     *self.run.write() = None;
                     self.teardown(&run, true);
+                    self.clear_invalid();
                     return Err(e);
                 }
             }
         }
+        self.clear_invalid();
         *self.error.lock() = None;
         self.bytes_forwarded.store(0, Ordering::Relaxed);
         self.forward_errors.store(0, Ordering::Relaxed);
@@ -486,6 +539,14 @@ impl Shared {
         if ended && run.backup_active.load(Ordering::Acquire) {
             let msg = "Backup job was cancelled unexpectedly".to_string();
             self.record_error(msg.clone());
+            // From now on forwarded writes land without copy-before-write:
+            // the hidden disk can no longer restore the checkpoint state.
+            self.set_invalid(
+                "the backup job ended: forwarded writes are no longer copied before write, \
+                 the checkpoint state cannot be rebuilt"
+                    .into(),
+                false,
+            );
             self.teardown(run, true);
             return Err(self.err(ErrorKind::BackupCancelled, msg));
         }
@@ -498,6 +559,12 @@ impl Shared {
 
     // ------------------------------------------------------------- checkpoint
 
+    /// The secondary's checkpoint: reset the backup job's copy state, then
+    /// empty the active and the hidden disk, with forwarded writes and guest
+    /// I/O held. If either disk cannot be emptied the buffers are marked
+    /// invalid (see the crate docs, "Failed secondary checkpoint"): both are
+    /// always tried, the error names the disk(s), and a later checkpoint
+    /// retries.
     fn secondary_checkpoint(&self, run: &Running) -> Result<()> {
         let t0 = Instant::now();
         self.check_backup(run)?;
@@ -511,20 +578,52 @@ impl Shared {
         // Forwarded writes and guest I/O are held while the copy state resets
         // and the buffers empty.
         let _d = graph.drain(&[backup.filter_node().clone()]);
-        backup.checkpoint().map_err(|e| {
-            self.err(
+        if let Err(e) = backup.checkpoint() {
+            self.set_invalid(
+                format!("the backup job ended before the checkpoint could reset it: {e}"),
+                false,
+            );
+            return Err(self.err(
                 ErrorKind::BackupCancelled,
                 format!("Backup job checkpoint failed: {e}"),
+            ));
+        }
+        // From here the copy state is reset: the secondary disk is the new
+        // checkpoint state, and the hidden disk receives its old contents of
+        // every cluster a forwarded write changes from now on.
+        let ra = run.active.make_empty();
+        let rh = run.hidden.make_empty();
+        let (what, e) = match (ra, rh) {
+            (Ok(()), Ok(())) => {
+                self.clear_invalid();
+                *self.last_checkpoint.lock() = Some((SystemTime::now(), t0.elapsed()));
+                return Ok(());
+            }
+            (Err(e), Ok(())) => (format!("active disk '{}'", run.active.name()), e),
+            (Ok(()), Err(e)) => (format!("hidden disk '{}'", run.hidden.name()), e),
+            (Err(e), Err(eh)) => (
+                format!(
+                    "active disk '{}' (and hidden disk '{}': {eh})",
+                    run.active.name(),
+                    run.hidden.name()
+                ),
+                e,
+            ),
+        };
+        self.set_invalid(
+            format!("checkpoint could not make the {what} empty: {e}"),
+            true,
+        );
+        Err(self
+            .gerr(
+                format!(
+                    "Cannot make {what} empty at checkpoint; the secondary buffers are invalid: \
+                     secondary guest I/O fails until a checkpoint succeeds, and a failover \
+                     promotes the checkpoint state without them"
+                ),
+                e,
             )
-        })?;
-        run.active
-            .make_empty()
-            .map_err(|e| self.gerr("Cannot make active disk empty", e))?;
-        run.hidden
-            .make_empty()
-            .map_err(|e| self.gerr("Cannot make hidden disk empty", e))?;
-        *self.last_checkpoint.lock() = Some((SystemTime::now(), t0.elapsed()));
-        Ok(())
+            .with_kind(ErrorKind::BuffersInvalid))
     }
 
     pub(crate) fn checkpoint(&self) -> Result<()> {
@@ -567,6 +666,12 @@ impl Shared {
         if let Some(e) = self.error.lock().clone() {
             return Err(self.err(ErrorKind::IoError, format!("I/O error occurred: {e}")));
         }
+        if let Some(i) = self.invalid() {
+            return Err(self.err(
+                ErrorKind::BuffersInvalid,
+                format!("secondary buffers invalid: {}", i.reason),
+            ));
+        }
         Ok(())
     }
 
@@ -600,25 +705,196 @@ impl Shared {
             .running()
             .ok_or_else(|| self.err(ErrorKind::NotRunning, "no running state"))?;
         self.cancel_backup(&run, closing);
-        let r = run
-            .active
-            .make_empty()
-            .map_err(|e| self.gerr("Cannot make active disk empty", e))
-            .and_then(|()| {
-                run.hidden
-                    .make_empty()
-                    .map_err(|e| self.gerr("Cannot make hidden disk empty", e))
-            });
+        let failed = match (run.active.make_empty(), run.hidden.make_empty()) {
+            (Ok(()), Ok(())) => None,
+            (Err(e), _) => Some((format!("active disk '{}'", run.active.name()), e)),
+            (Ok(()), Err(e)) => Some((format!("hidden disk '{}'", run.hidden.name()), e)),
+        };
         self.set_state(ReplicationState::Done);
-        self.teardown(&run, true);
+        let mut bypassed = false;
+        let r = match failed {
+            None => {
+                self.clear_invalid();
+                Ok(())
+            }
+            // Closing: the node goes away, nothing reads the buffers again
+            // (and the graph lock may be held: no graph change here).
+            Some((what, e)) if closing => {
+                Err(self.gerr(format!("Cannot make {what} empty at close"), e))
+            }
+            // The stop's result must be what a successful one gives: the top
+            // reads the secondary disk as it is. Take the buffers out of the
+            // path instead of exposing them.
+            Some((what, e)) => match self.bypass_buffers(&run) {
+                Ok(()) => {
+                    bypassed = true;
+                    self.clear_invalid();
+                    let msg = format!(
+                        "Cannot make {what} empty at stop: {e}; active and hidden disks \
+                         were taken out of the path instead (the top reads the secondary disk)"
+                    );
+                    self.record_error(msg.clone());
+                    Err(self.gerr(msg, e))
+                }
+                Err(e2) => {
+                    let msg = format!(
+                        "Cannot make {what} empty at stop: {e}; nor take the buffers out of \
+                         the path: {e2}"
+                    );
+                    self.record_error(msg.clone());
+                    self.set_invalid(msg.clone(), false);
+                    Err(self.gerr(msg, e).with_kind(ErrorKind::BuffersInvalid))
+                }
+            },
+        };
+        self.teardown(&run, !bypassed);
         *self.run.write() = None;
         r
+    }
+
+    /// Takes the active and hidden disks out of the I/O path: the filter's
+    /// file child becomes the secondary disk itself (as after a completed
+    /// failover commit, but without committing anything).
+    fn bypass_buffers(&self, run: &Running) -> Result<()> {
+        let node = self.node()?;
+        let graph = self.graph_of(&node)?;
+        for role in [HIDDEN_ROLE, SECONDARY_ROLE] {
+            let r = Role::Named(role.into());
+            if node.child(&r).is_some() {
+                let _ = graph.detach_child(&node, &r);
+            }
+        }
+        graph
+            .replace_node(&run.active, &run.secondary)
+            .map_err(|e| {
+                self.gerr(
+                    format!(
+                        "cannot put the secondary disk '{}' in place of the active disk '{}'",
+                        run.secondary.name(),
+                        run.active.name()
+                    ),
+                    e,
+                )
+            })
+    }
+
+    /// Failover while the buffers are invalid (a checkpoint failed to empty
+    /// them): nothing of active or hidden is committed. The checkpoint state
+    /// is the secondary disk, except where a forwarded write changed it
+    /// since the failed checkpoint: there the hidden disk holds the
+    /// checkpoint contents (the copy state was reset at that checkpoint), and
+    /// they are written back. Then the secondary disk replaces the active
+    /// disk under the filter. Synchronous; on an error before the backup job
+    /// is cancelled the state goes back to RUNNING (still invalid), so the
+    /// failover can be retried.
+    fn failover_without_buffers(&self, run: &Arc<Running>, inv: Invalid) -> Result<()> {
+        if !inv.restorable {
+            return Err(self.err(
+                ErrorKind::BuffersInvalid,
+                format!(
+                    "failover refused: the secondary buffers are invalid and the checkpoint \
+                     state cannot be rebuilt ({}); stop(failover=false) keeps the secondary \
+                     disk as it is",
+                    inv.reason
+                ),
+            ));
+        }
+        let t0 = Instant::now();
+        self.set_state(ReplicationState::Failover);
+        if let Err(e) = self.restore_checkpoint_state(run) {
+            self.set_state(ReplicationState::Running);
+            return Err(e);
+        }
+        self.cancel_backup(run, false);
+        *self.failover_duration.lock() = Some(t0.elapsed());
+        if let Err(e) = self.bypass_buffers(run) {
+            // The secondary disk holds the checkpoint state, but the
+            // buffers are still in the path: keep failing guest I/O.
+            let msg = format!("failover could not take the invalid buffers out of the path: {e}");
+            *self.error.lock() = Some(msg.clone());
+            self.set_invalid(msg.clone(), false);
+            self.set_state(ReplicationState::FailoverFailed);
+            return Err(self.err(ErrorKind::BuffersInvalid, msg));
+        }
+        self.clear_invalid();
+        *self.error.lock() = None;
+        self.set_state(ReplicationState::Done);
+        self.teardown(run, false);
+        *self.run.write() = None;
+        Ok(())
+    }
+
+    /// Writes back into the secondary disk the checkpoint contents of every
+    /// cluster copied before write since the last (failed) checkpoint. Cost
+    /// follows the hidden disk's allocation.
+    fn restore_checkpoint_state(&self, run: &Running) -> Result<()> {
+        let Some(backup) = run.backup.lock().clone() else {
+            return Err(self.err(
+                ErrorKind::BackupCancelled,
+                "Backup job was cancelled unexpectedly",
+            ));
+        };
+        let graph = self.graph_of(&run.secondary)?;
+        // Forwarded writes held: the copy state cannot change underneath.
+        let _d = graph.drain(&[backup.filter_node().clone()]);
+        let len = run.secondary.len();
+        let cl = run.tracker.cluster_size();
+        let mut buf = Vec::new();
+        let mut next_cluster = 0u64;
+        let mut off = 0u64;
+        while off < len {
+            let (alloc, n) = graph
+                .is_allocated_above(&run.hidden, Some(&run.secondary), off, len - off)
+                .map_err(|e| {
+                    self.gerr(
+                        format!("failover: cannot query the hidden disk's allocation at {off}"),
+                        e,
+                    )
+                })?;
+            if alloc {
+                for c in (off / cl).max(next_cluster)..(off + n).div_ceil(cl) {
+                    next_cluster = c + 1;
+                    if !run.tracker.is_copied(c) {
+                        continue;
+                    }
+                    let start = c * cl;
+                    let l = cl.min(len - start);
+                    buf.resize(l as usize, 0);
+                    run.hidden.read(start, &mut buf).map_err(|e| {
+                        self.gerr(
+                            format!(
+                                "failover: cannot read the checkpoint copy at {start} \
+                                 (+{l}) from the hidden disk"
+                            ),
+                            e,
+                        )
+                    })?;
+                    run.secondary
+                        .write(start, &buf, WriteFlags::default())
+                        .map_err(|e| {
+                            self.gerr(
+                                format!(
+                                    "failover: cannot restore {start} (+{l}) on the secondary disk"
+                                ),
+                                e,
+                            )
+                        })?;
+                }
+            }
+            off += n;
+        }
+        run.secondary
+            .flush()
+            .map_err(|e| self.gerr("failover: cannot flush the secondary disk", e))
     }
 
     fn start_failover(self: &Arc<Self>) -> Result<()> {
         let run = self
             .running()
             .ok_or_else(|| self.err(ErrorKind::NotRunning, "no running state"))?;
+        if let Some(inv) = self.invalid() {
+            return self.failover_without_buffers(&run, inv);
+        }
         let node = self.node()?;
         let graph = self.graph_of(&node)?;
         self.set_state(ReplicationState::Failover);
@@ -854,6 +1130,8 @@ impl ReplicationDriver {
             failover_duration: Mutex::new(None),
             registration: Mutex::new(None),
             state_handle: Mutex::new(None),
+            invalid_flag: AtomicBool::new(false),
+            invalid: Mutex::new(None),
         });
         if let Some(reg) = registry {
             *shared.registration.lock() = Some(reg.register(Arc::new(Member(shared.clone()))));
@@ -961,6 +1239,9 @@ impl Driver for ReplicationDriver {
         if s.state() == ReplicationState::None {
             return Err(eio(node, "replication is not started"));
         }
+        if s.invalid_flag.load(Ordering::Acquire) {
+            return Err(buffers_eio(node));
+        }
         let file = Self::file(node)?;
         match s.running() {
             Some(run) if run.backup_active.load(Ordering::Acquire) => {
@@ -976,6 +1257,9 @@ impl Driver for ReplicationDriver {
         let state = s.state();
         match (s.mode, state) {
             (_, ReplicationState::None) => Err(eio(node, "replication is not started")),
+            (ReplicationMode::Secondary, _) if s.invalid_flag.load(Ordering::Acquire) => {
+                Err(buffers_eio(node))
+            }
             (ReplicationMode::Primary, ReplicationState::Running) => {
                 match Self::file(node).and_then(|f| f.write(offset, buf, flags)) {
                     Ok(()) => {

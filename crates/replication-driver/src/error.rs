@@ -30,6 +30,10 @@ pub enum ErrorKind {
     StateMismatch,
     /// A block-graph operation failed (reopen, attach, make_empty, ...).
     Graph,
+    /// The secondary's active and hidden disks hold no usable view: a
+    /// checkpoint could not empty them (or the backup job is gone). Secondary
+    /// guest I/O fails until a checkpoint succeeds; see the crate docs.
+    BuffersInvalid,
 }
 
 /// Everything that can go wrong in `replication-driver`. The message says

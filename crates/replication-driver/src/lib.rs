@@ -78,6 +78,48 @@
 //! * A checkpoint before start is an error on the secondary ("not running")
 //!   and a no-op on the primary.
 //! * `get_error` is an error before start on both sides ("not running").
+//! * **Failed secondary checkpoint** (QEMU returns the error and leaves
+//!   whatever make_empty left: e.g. the active disk emptied and the hidden
+//!   disk still holding the previous checkpoint's copies, which mask the new
+//!   checkpoint's data, and a later failover commits that mix). Here:
+//!   - The checkpoint resets the backup job's copy state, then tries to empty
+//!     both the active and the hidden disk (both are always tried). If either
+//!     fails, it returns an error of kind [`ErrorKind::BuffersInvalid`]
+//!     naming the disk, the epoch does not advance, and the filter marks its
+//!     buffers invalid: [`ReplicationStatus::buffers_invalid`] and
+//!     [`Replication::buffers_invalid`] say why, `get_error` reports it, the
+//!     state stays RUNNING, and secondary guest reads and writes through the
+//!     top fail with EIO (never wrong data; flush passes).
+//!   - The correct view at that point is the secondary disk as the
+//!     checkpoint found it (all forwarded writes applied; the guest's own
+//!     writes of the ended epoch are dropped, as by any checkpoint). Since
+//!     the copy state was reset, every forwarded write after the failed
+//!     checkpoint still copies its cluster's checkpoint contents to the
+//!     hidden disk first (or fails, leaving the secondary disk unchanged).
+//!   - A later checkpoint retries (reset, then both make_empty); on success
+//!     the condition clears and the view is the secondary disk.
+//!   - A failover while invalid commits nothing of active or hidden: with
+//!     forwarded writes held, the clusters copied since the failed checkpoint
+//!     (the hidden disk's allocation, filtered by the copy state: cost
+//!     follows the copies) are written back from the hidden disk into the
+//!     secondary disk, which is flushed; then the backup job is cancelled and
+//!     the secondary disk replaces the active disk under the filter; state
+//!     DONE, `get_error` fine. The result is exactly the failed checkpoint's
+//!     state, which is all the guest was told: no guest write was accepted
+//!     after it. It runs synchronously; if it fails before the backup job is
+//!     cancelled (e.g. the hidden disk cannot be read) the state returns to
+//!     RUNNING, still invalid, and the failover can be retried.
+//!   - `stop(failover=false)` that cannot empty a disk still reaches DONE
+//!     with the result of a successful stop (the top reads the secondary disk
+//!     as it is): the active and hidden disks are taken out of the path (the
+//!     secondary disk replaces the active disk under the filter), and the
+//!     error is returned and recorded. On close no graph change is made.
+//!   - A backup job that ended without stop (or whose checkpoint reset fails
+//!     because it ended) marks the buffers invalid for good: forwarded writes
+//!     no longer copy before write, so the checkpoint state cannot be
+//!     rebuilt. Guest I/O fails, a failover is refused with an error saying
+//!     so (state RUNNING), and `stop(failover=false)` is the way out (it keeps
+//!     the secondary disk as it is: the primary's last forwarded writes).
 //!
 //! # Composition
 //!
@@ -217,6 +259,13 @@ impl Replication {
     /// Waits until no failover commit is running. False on timeout.
     pub fn wait_failover(&self, timeout: Duration) -> bool {
         self.shared.wait_failover(timeout)
+    }
+
+    /// Why the secondary's active and hidden disks hold no usable view (a
+    /// checkpoint could not empty them), while that lasts; see the crate
+    /// docs, "Failed secondary checkpoint".
+    pub fn buffers_invalid(&self) -> Option<String> {
+        self.shared.buffers_invalid()
     }
 
     /// The internal backup job while it runs (for monitoring; users cannot

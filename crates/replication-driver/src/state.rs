@@ -89,4 +89,9 @@ pub struct ReplicationStatus {
     pub last_checkpoint_duration: Option<Duration>,
     /// How long the last completed (or failed) failover commit took.
     pub failover_duration: Option<Duration>,
+    /// Secondary: why the active and hidden disks hold no usable view (a
+    /// checkpoint could not empty them, or the backup job is gone), while
+    /// that lasts. Secondary guest I/O fails meanwhile; a successful
+    /// checkpoint, stop or failover clears it.
+    pub buffers_invalid: Option<String>,
 }
