@@ -1,7 +1,8 @@
-//! Graph commands: `blockdev-add`, `blockdev-del`, `x-blockdev-change` and the
-//! queries `query-named-block-nodes`, `query-block`, `query-blockstats`.
+//! Graph commands: `blockdev-add`, `blockdev-del`, `x-blockdev-change`,
+//! `block_resize` and the queries `query-named-block-nodes`, `query-block`,
+//! `query-blockstats`.
 
-use block_graph::{Graph, Node, NodeRef, Role};
+use block_graph::{BlockOp, ErrorKind, Graph, Node, NodeRef, PermPair, Perms, Role};
 use qmp::{Args, QmpError};
 use serde_json::{json, Map, Value};
 
@@ -21,6 +22,78 @@ pub(crate) fn lookup_device(d: &Daemon, name: &str) -> Result<NodeRef, QmpError>
             "Cannot find device='{name}' nor node-name='{name}'"
         ))
     })
+}
+
+/// QEMU's `bdrv_lookup_bs(device, node_name)`: `device` names a backend
+/// (our exports' ids, as `query-block` lists them), `node-name` a node;
+/// neither found is a GenericError "Cannot find device='x' nor node-name='y'".
+fn lookup_bs(
+    d: &Daemon,
+    device: Option<&str>,
+    node_name: Option<&str>,
+) -> Result<NodeRef, QmpError> {
+    if let Some(dev) = device {
+        if let Some(n) = d
+            .graph
+            .nodes()
+            .into_iter()
+            .find(|n| n.backend_names().iter().any(|b| b == dev))
+        {
+            return Ok(n);
+        }
+    }
+    if let Some(name) = node_name {
+        if let Ok(n) = d.graph.node(name) {
+            return Ok(n);
+        }
+    }
+    Err(QmpError::generic(format!(
+        "Cannot find device='{}' nor node-name='{}'",
+        device.unwrap_or(""),
+        node_name.unwrap_or("")
+    )))
+}
+
+/// `block_resize` (`device` or `node-name`, `size` in bytes): QEMU's order
+/// of checks (lookup, size, the resize op blocker, then a user taking the
+/// resize permission), then the node's truncate (grow; shrink where the
+/// driver supports it). While replication runs on a top node the blocker
+/// refuses it, with the same message as a job on that node.
+pub(crate) fn block_resize(d: &Daemon, a: &Args) -> Result<Value, QmpError> {
+    let node = lookup_bs(d, a.opt_str("device"), a.opt_str("node-name"))?;
+    let size = a.i64("size")?;
+    if size < 0 {
+        return Err(QmpError::generic("Parameter 'size' expects a >0 size"));
+    }
+    node.check_op(BlockOp::Resize).map_err(generic)?;
+    if node.is_read_only() {
+        // QEMU's permission check on a user taking resize.
+        return Err(QmpError::generic("Block node is read-only"));
+    }
+    let user = d
+        .graph
+        .new_backend(
+            &node,
+            PermPair {
+                perm: Perms::RESIZE,
+                shared: Perms::ALL,
+            },
+        )
+        .map_err(generic)?;
+    let old = node.len();
+    user.truncate(size as u64).map_err(|e| match e.kind() {
+        ErrorKind::NotSupported => {
+            QmpError::generic(format!("Image format driver does not support resize ({e})"))
+        }
+        _ => generic(e),
+    })?;
+    log_at!(
+        Info,
+        "node '{}' resized from {old} to {} bytes",
+        node.name(),
+        node.len()
+    );
+    Ok(json!({}))
 }
 
 /// Drops base options whose value is the default and that our graph does

@@ -1,7 +1,11 @@
 //! NBD exports: `nbd-server-start`, `nbd-server-add`, `block-export-add`,
-//! `nbd-server-remove`, `nbd-server-stop`. Each export is a backend on its
-//! node (so the graph knows the node has a user, as replication's secondary
-//! disk requires) served by one `nbd::NbdServer`.
+//! `block-export-del`, `query-block-exports`, `nbd-server-remove`,
+//! `nbd-server-stop`. Each export is a backend on its node (so the graph
+//! knows the node has a user, as replication's secondary disk requires)
+//! served by one `nbd::NbdServer`. As in QEMU, every removal of an export
+//! (`block-export-del`, `nbd-server-remove`, `nbd-server-stop`) emits
+//! `BLOCK_EXPORT_DELETED {id}` once the export is gone (its clients
+//! disconnected). Removal is synchronous, so `shutting-down` is always false.
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -188,30 +192,87 @@ pub(crate) fn block_export_add(d: &Daemon, a: &Args) -> Result<Value, QmpError> 
     )
 }
 
-/// `nbd-server-remove` (by export name; mode safe (default) or hard).
-pub(crate) fn nbd_server_remove(d: &Daemon, a: &Args) -> Result<Value, QmpError> {
-    let name = a.str("name")?;
-    let mode = match a.opt_str("mode") {
+fn remove_mode(a: &Args) -> RemoveMode {
+    match a.opt_str("mode") {
         Some("hard") => RemoveMode::Hard,
         _ => RemoveMode::Safe,
+    }
+}
+
+/// Removes export `id` (QEMU's `qmp_block_export_del`): safe mode refuses
+/// while clients are connected ("export 'x' still in use"); hard mode
+/// disconnects them after their requests are answered. Emits
+/// `BLOCK_EXPORT_DELETED`.
+fn del_export(d: &Daemon, st: &mut NbdState, id: &str, mode: RemoveMode) -> Result<(), QmpError> {
+    let name = match st.exports.get(id) {
+        Some(e) => e.name.clone(),
+        None => return Err(QmpError::generic(format!("Export '{id}' is not found"))),
     };
+    if mode == RemoveMode::Safe && st.server.connection_count(Some(&name)) > 0 {
+        return Err(QmpError::generic(format!("export '{id}' still in use")));
+    }
+    st.server.remove_export(&name, mode).map_err(|e| {
+        if mode == RemoveMode::Safe {
+            QmpError::generic(format!("export '{id}' still in use"))
+        } else {
+            generic(e)
+        }
+    })?;
+    if let Some(e) = st.exports.remove(id) {
+        log_at!(Info, "NBD export '{name}' of node '{}' removed", e.node);
+    }
+    d.events.emit("BLOCK_EXPORT_DELETED", json!({ "id": id }));
+    Ok(())
+}
+
+/// `nbd-server-remove`: by export id, which is the name for `nbd-server-add`
+/// exports (QEMU looks up the id; a `block-export-add` export's NBD name is
+/// accepted too). Mode safe (default) or hard.
+pub(crate) fn nbd_server_remove(d: &Daemon, a: &Args) -> Result<Value, QmpError> {
+    let name = a.str("name")?;
     let mut guard = d.nbd.lock();
     let st = guard
         .as_mut()
         .ok_or_else(|| QmpError::generic("NBD server not running"))?;
-    let id = st
-        .exports
-        .iter()
-        .find(|(_, e)| e.name == name)
-        .map(|(id, _)| id.clone())
-        .ok_or_else(|| QmpError::generic(format!("Export '{name}' is not found")))?;
-    st.server
-        .remove_export(name, mode)
-        .map_err(|e| QmpError::generic(format!("export '{name}' still in use: {e}")))?;
-    if let Some(e) = st.exports.remove(&id) {
-        log_at!(Info, "NBD export '{name}' of node '{}' removed", e.node);
-    }
+    let id = if st.exports.contains_key(name) {
+        name.to_string()
+    } else {
+        st.exports
+            .iter()
+            .find(|(_, e)| e.name == name)
+            .map(|(id, _)| id.clone())
+            .ok_or_else(|| QmpError::generic(format!("Export '{name}' is not found")))?
+    };
+    del_export(d, st, &id, remove_mode(a))?;
     Ok(json!({}))
+}
+
+/// `block-export-del` (`id`, `mode` safe (default) or hard).
+pub(crate) fn block_export_del(d: &Daemon, a: &Args) -> Result<Value, QmpError> {
+    let id = a.str("id")?;
+    let mut guard = d.nbd.lock();
+    let Some(st) = guard.as_mut() else {
+        return Err(QmpError::generic(format!("Export '{id}' is not found")));
+    };
+    del_export(d, st, id, remove_mode(a))?;
+    Ok(json!({}))
+}
+
+/// `query-block-exports`: QEMU's `BlockExportInfo` per export
+/// (`id`, `type`, `node-name`, `shutting-down`).
+pub(crate) fn query_block_exports(d: &Daemon) -> Result<Value, QmpError> {
+    let guard = d.nbd.lock();
+    let list = match guard.as_ref() {
+        None => Vec::new(),
+        Some(st) => st
+            .exports
+            .iter()
+            .map(|(id, e)| {
+                json!({"id": id, "type": "nbd", "node-name": e.node, "shutting-down": false})
+            })
+            .collect(),
+    };
+    Ok(Value::Array(list))
 }
 
 /// `nbd-server-stop`: every export removed (clients disconnected after
@@ -228,8 +289,9 @@ pub(crate) fn nbd_server_stop(d: &Daemon) -> Result<Value, QmpError> {
 pub(crate) fn stop_server(d: &Daemon) {
     let st = d.nbd.lock().take();
     if let Some(st) = st {
-        for e in st.exports.values() {
+        for (id, e) in &st.exports {
             let _ = st.server.remove_export(&e.name, RemoveMode::Hard);
+            d.events.emit("BLOCK_EXPORT_DELETED", json!({ "id": id }));
         }
         st.server.stop();
         if let Some(p) = &st.unix_path {

@@ -1,21 +1,92 @@
 //! Block job commands (`blockdev-backup`, `block-commit`, `blockdev-mirror`,
-//! `block-stream`, `query-block-jobs`, `block-job-*`, `job-dismiss`) and the
-//! forwarding of job events as QEMU's QMP events. The jobs themselves are
-//! `block-jobs`' (backup, mirror, active and plain commit, stream).
+//! `block-stream`, `query-block-jobs`, `block-job-*`), QEMU's generic job
+//! commands (`query-jobs`, `job-pause`/`-resume`/`-cancel`/`-complete`/
+//! `-finalize`/`-dismiss`) and the forwarding of job events as QEMU's QMP
+//! events. The jobs themselves are `block-jobs`' (backup, mirror, active and
+//! plain commit, stream).
+//!
+//! Our jobs always finalize themselves (`auto-finalize: false` is refused),
+//! so `pending` is a transient state: `job-finalize` is accepted only there,
+//! as QEMU's verb table says, and does nothing more than let the job go on.
 
+use std::collections::HashMap;
 use std::sync::Arc;
+use std::time::Duration;
 
 use block_graph::{BlockOp, Graph, NodeRef};
 use block_jobs::{
-    BackupJob, BackupOptions, BackupSync, CommitJob, CommitOptions, JobError, JobEvent, JobInfo,
-    JobOptions, MirrorJob, MirrorOptions, MirrorSync, OnError, StreamJob,
+    BackupJob, BackupOptions, BackupSync, CommitJob, CommitOptions, Job, JobError, JobEvent,
+    JobInfo, JobOptions, JobOutcome, JobStatus, JobType, MirrorJob, MirrorOptions, MirrorSync,
+    OnError, StreamJob,
 };
+use parking_lot::Mutex;
 use qmp::{Args, QmpError};
 use serde_json::{json, Value};
 
 use super::block::{generic, lookup_device};
 use super::log::log_at;
 use super::Daemon;
+
+/// What the daemon keeps of a user job: its handle (for the outcome's errno
+/// once the job left the manager) and `auto-dismiss` (block-jobs' `JobInfo`
+/// does not carry it).
+pub(crate) struct JobMeta {
+    job: Job,
+    auto_dismiss: bool,
+}
+
+/// User jobs by id, shared with the event forwarder.
+#[derive(Clone, Default)]
+pub(crate) struct MetaMap(Arc<Mutex<HashMap<String, JobMeta>>>);
+
+impl MetaMap {
+    fn insert(&self, job: &Job, auto_dismiss: bool) {
+        let Some(id) = job.id() else { return };
+        let mut m = self.0.lock();
+        // Entries of jobs that are gone (dismissed) are dropped here.
+        m.retain(|_, v| v.job.status() != JobStatus::Null);
+        m.insert(
+            id.to_string(),
+            JobMeta {
+                job: job.clone(),
+                auto_dismiss,
+            },
+        );
+    }
+
+    fn auto_dismiss(&self, id: &str) -> bool {
+        self.0
+            .lock()
+            .get(id)
+            .map(|m| m.auto_dismiss)
+            .unwrap_or(true)
+    }
+
+    fn job(&self, id: &str) -> Option<Job> {
+        self.0.lock().get(id).map(|m| m.job.clone())
+    }
+}
+
+/// The text of an errno as C's `strerror` (QEMU reports a job's I/O error
+/// this way in `BLOCK_JOB_COMPLETED`, `query-jobs` and `query-block-jobs`).
+fn strerror(errno: i32) -> String {
+    let s = std::io::Error::from_raw_os_error(errno.abs()).to_string();
+    match s.rfind(" (os error ") {
+        Some(i) => s[..i].to_string(),
+        None => s,
+    }
+}
+
+/// QEMU's error text for a failed job: `strerror` of its errno when it
+/// has one, else our message.
+fn job_error_text(job: Option<&Job>, fallback: &str) -> String {
+    if let Some(JobOutcome::Failed(e)) = job.and_then(Job::outcome) {
+        if let Some(errno) = e.errno() {
+            return strerror(errno);
+        }
+    }
+    fallback.to_string()
+}
 
 fn jerr(e: JobError) -> QmpError {
     QmpError::generic(e.context().to_string())
@@ -97,6 +168,7 @@ pub(crate) fn blockdev_backup(d: &Daemon, a: &Args) -> Result<Value, QmpError> {
     };
     let job = job_options(a, device)?;
     check_id_free(d, &job)?;
+    let auto_dismiss = job.auto_dismiss;
     let bj = BackupJob::start(
         &d.jobs,
         &d.graph,
@@ -109,6 +181,7 @@ pub(crate) fn blockdev_backup(d: &Daemon, a: &Args) -> Result<Value, QmpError> {
         },
     )
     .map_err(jerr)?;
+    d.job_meta.insert(bj.job(), auto_dismiss);
     log_at!(Info, "backup job '{}' started", bj.job().id().unwrap_or(""));
     Ok(json!({}))
 }
@@ -147,6 +220,7 @@ pub(crate) fn blockdev_mirror(d: &Daemon, a: &Args) -> Result<Value, QmpError> {
     }
     let job = job_options(a, device)?;
     check_id_free(d, &job)?;
+    let auto_dismiss = job.auto_dismiss;
     let mj = MirrorJob::start(
         &d.jobs,
         &d.graph,
@@ -160,6 +234,7 @@ pub(crate) fn blockdev_mirror(d: &Daemon, a: &Args) -> Result<Value, QmpError> {
         },
     )
     .map_err(jerr)?;
+    d.job_meta.insert(mj.job(), auto_dismiss);
     log_at!(Info, "mirror job '{}' started", mj.job().id().unwrap_or(""));
     Ok(json!({}))
 }
@@ -242,6 +317,7 @@ pub(crate) fn block_commit(d: &Daemon, a: &Args) -> Result<Value, QmpError> {
     }
     let job = job_options(a, device)?;
     check_id_free(d, &job)?;
+    let auto_dismiss = job.auto_dismiss;
     if Arc::ptr_eq(&top, &root) {
         let mj = MirrorJob::start_active_commit(
             &d.jobs,
@@ -254,6 +330,7 @@ pub(crate) fn block_commit(d: &Daemon, a: &Args) -> Result<Value, QmpError> {
             },
         )
         .map_err(jerr)?;
+        d.job_meta.insert(mj.job(), auto_dismiss);
         log_at!(
             Info,
             "active commit job '{}' started ('{}' into '{}')",
@@ -274,6 +351,7 @@ pub(crate) fn block_commit(d: &Daemon, a: &Args) -> Result<Value, QmpError> {
         },
     )
     .map_err(jerr)?;
+    d.job_meta.insert(cj.job(), auto_dismiss);
     log_at!(
         Info,
         "commit job '{}' started ('{}' into '{}')",
@@ -317,6 +395,7 @@ pub(crate) fn block_stream(d: &Daemon, a: &Args) -> Result<Value, QmpError> {
     }
     let job = job_options(a, device)?;
     check_id_free(d, &job)?;
+    let auto_dismiss = job.auto_dismiss;
     let sj = StreamJob::start(
         &d.jobs,
         &d.graph,
@@ -328,14 +407,17 @@ pub(crate) fn block_stream(d: &Daemon, a: &Args) -> Result<Value, QmpError> {
         },
     )
     .map_err(jerr)?;
+    d.job_meta.insert(sj.job(), auto_dismiss);
     log_at!(Info, "stream job '{}' started", sj.job().id().unwrap_or(""));
     Ok(json!({}))
 }
 
-fn info_json(i: &JobInfo) -> Value {
+fn info_json(d: &Daemon, j: &Job) -> Value {
+    let i = j.info();
+    let id = i.id.clone().unwrap_or_default();
     let mut v = json!({
         "type": i.job_type.as_str(),
-        "device": i.id.clone().unwrap_or_default(),
+        "device": id,
         "len": i.len,
         "offset": i.offset,
         "busy": !i.paused && matches!(i.status.as_str(), "running"),
@@ -345,10 +427,15 @@ fn info_json(i: &JobInfo) -> Value {
         "ready": i.ready,
         "status": i.status.as_str(),
         "auto-finalize": true,
-        "auto-dismiss": true,
+        "auto-dismiss": d.job_meta.auto_dismiss(&id),
     });
+    // QEMU 8.2+: BlockJobInfo is a union on `type`; mirror jobs add
+    // `actively-synced` (only write-blocking mode, which we refuse, sets it).
+    if i.job_type == JobType::Mirror {
+        v["actively-synced"] = json!(false);
+    }
     if let Some(e) = &i.error {
-        v["error"] = json!(e);
+        v["error"] = json!(job_error_text(Some(j), e));
     }
     v
 }
@@ -363,25 +450,56 @@ fn event_info(i: &JobInfo) -> Value {
     })
 }
 
+fn user_jobs(d: &Daemon) -> Vec<Job> {
+    d.jobs
+        .all()
+        .into_iter()
+        .filter(|j| !j.is_internal())
+        .collect()
+}
+
 /// `query-block-jobs`.
 pub(crate) fn query_block_jobs(d: &Daemon) -> Result<Value, QmpError> {
+    Ok(Value::Array(
+        user_jobs(d).iter().map(|j| info_json(d, j)).collect(),
+    ))
+}
+
+/// `query-jobs`: QEMU's `JobInfo` (`id`, `type`, `status`,
+/// `current-progress`, `total-progress`, `error` once failed).
+pub(crate) fn query_jobs(d: &Daemon) -> Result<Value, QmpError> {
     let mut list = Vec::new();
-    for j in d.jobs.all() {
-        if j.is_internal() {
-            continue;
+    for j in user_jobs(d) {
+        let i = j.info();
+        let mut v = json!({
+            "id": i.id.clone().unwrap_or_default(),
+            "type": i.job_type.as_str(),
+            "status": i.status.as_str(),
+            "current-progress": i.offset,
+            "total-progress": i.len,
+        });
+        if let Some(e) = &i.error {
+            v["error"] = json!(job_error_text(Some(&j), e));
         }
-        list.push(info_json(&j.info()));
+        list.push(v);
     }
     Ok(Value::Array(list))
 }
 
-fn find_block_job(d: &Daemon, id: &str) -> Result<block_jobs::Job, QmpError> {
+fn find_block_job(d: &Daemon, id: &str) -> Result<Job, QmpError> {
     d.jobs.find(id).map_err(|_| {
         QmpError::new(
             qmp::ErrorClass::DeviceNotActive,
             format!("Block job '{id}' not found"),
         )
     })
+}
+
+/// QEMU's `find_job_locked`: GenericError "Job not found".
+fn find_job(d: &Daemon, id: &str) -> Result<Job, QmpError> {
+    d.jobs
+        .find(id)
+        .map_err(|_| QmpError::generic("Job not found"))
 }
 
 /// `block-job-cancel`.
@@ -397,17 +515,71 @@ pub(crate) enum Verb {
     Pause,
     Resume,
     Complete,
+    /// `job-cancel` (always a forced cancel, as QEMU's).
+    Cancel,
+    Finalize,
+}
+
+/// QEMU's `job_apply_verb` error.
+fn verb_error(j: &Job, status: JobStatus, verb: &str) -> QmpError {
+    QmpError::generic(format!(
+        "Job '{}' in state '{}' cannot accept command verb '{verb}'",
+        j.id().unwrap_or(""),
+        status.as_str()
+    ))
+}
+
+/// Applies a verb with QEMU's checks and error texts (block-jobs' own
+/// texts differ in wording for pause/resume, and it also accepts complete
+/// in `standby`, which QEMU's verb table does not).
+fn apply_verb(j: &Job, v: Verb) -> Result<(), QmpError> {
+    let status = j.status();
+    let r = match v {
+        Verb::Pause => j.pause(),
+        Verb::Resume => j.resume(),
+        Verb::Cancel => j.cancel(true),
+        Verb::Complete => {
+            if status != JobStatus::Ready {
+                return Err(verb_error(j, status, "complete"));
+            }
+            j.complete()
+        }
+        Verb::Finalize => {
+            // Jobs finalize themselves; a job seen in `pending` is doing so.
+            if status != JobStatus::Pending {
+                return Err(verb_error(j, status, "finalize"));
+            }
+            Ok(())
+        }
+    };
+    r.map_err(|e| {
+        let msg = e.context().to_string();
+        if msg.contains("already paused") {
+            QmpError::generic("Job is already paused")
+        } else if msg.contains("was not paused") {
+            QmpError::generic("Can't resume a job that was not paused")
+        } else if msg.contains("being cancelled") {
+            QmpError::generic(format!(
+                "The active block job '{}' cannot be completed",
+                j.id().unwrap_or("")
+            ))
+        } else {
+            QmpError::generic(msg)
+        }
+    })
 }
 
 /// `block-job-pause`, `block-job-resume`, `block-job-complete`.
 pub(crate) fn block_job_verb(d: &Daemon, a: &Args, v: Verb) -> Result<Value, QmpError> {
     let j = find_block_job(d, a.str("device")?)?;
-    match v {
-        Verb::Pause => j.pause(),
-        Verb::Resume => j.resume(),
-        Verb::Complete => j.complete(),
-    }
-    .map_err(jerr)?;
+    apply_verb(&j, v)?;
+    Ok(json!({}))
+}
+
+/// `job-pause`, `job-resume`, `job-cancel`, `job-complete`, `job-finalize`.
+pub(crate) fn job_verb(d: &Daemon, a: &Args, v: Verb) -> Result<Value, QmpError> {
+    let j = find_job(d, a.str("id")?)?;
+    apply_verb(&j, v)?;
     Ok(json!({}))
 }
 
@@ -426,18 +598,40 @@ pub(crate) fn block_job_set_speed(d: &Daemon, a: &Args) -> Result<Value, QmpErro
 
 /// `job-dismiss`.
 pub(crate) fn job_dismiss(d: &Daemon, a: &Args) -> Result<Value, QmpError> {
-    let j = d
-        .jobs
-        .find(a.str("id")?)
-        .map_err(|_| QmpError::generic("Job not found"))?;
+    let j = find_job(d, a.str("id")?)?;
     j.dismiss().map_err(jerr)?;
     Ok(json!({}))
 }
 
-/// Forwards the job manager's events to QMP clients, in QEMU's shapes.
+/// The job whose failure `msg` the forwarder is reporting, with its
+/// outcome set. A job can fail before its starting command registered it,
+/// and the outcome is set just after the event: both are waited for
+/// briefly. The error message identifies the job (not an older one that
+/// had the same id).
+fn failed_job(meta: &MetaMap, id: &str, msg: &str) -> Option<Job> {
+    let deadline = std::time::Instant::now() + Duration::from_secs(2);
+    loop {
+        if let Some(j) = meta.job(id) {
+            if j.info().error.as_deref() == Some(msg) {
+                let _ = j.wait_timeout(Duration::from_secs(2));
+                return Some(j);
+            }
+        }
+        if std::time::Instant::now() > deadline {
+            return None;
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
+/// Forwards the job manager's events to QMP clients, in QEMU's shapes:
+/// `JOB_STATUS_CHANGE {id, status}`, `BLOCK_JOB_READY`/`_CANCELLED`
+/// `{type, device, len, offset, speed}`, `BLOCK_JOB_COMPLETED` (the same
+/// and `error` on failure), `BLOCK_JOB_ERROR {device, operation, action}`.
 pub(crate) fn forward_events(d: &Arc<Daemon>) {
     let rx = d.jobs.subscribe();
     let events = d.events.clone();
+    let meta = d.job_meta.clone();
     let _ = std::thread::Builder::new()
         .name("job-events".into())
         .spawn(move || {
@@ -455,20 +649,14 @@ pub(crate) fn forward_events(d: &Arc<Daemon>) {
                     JobEvent::StatusChange { id: None, .. } => {}
                     JobEvent::Ready(i) => events.emit("BLOCK_JOB_READY", event_info(&i)),
                     JobEvent::Completed { info, error } => {
+                        let id = info.id.clone().unwrap_or_default();
                         let mut v = event_info(&info);
                         if let Some(e) = error {
-                            log_at!(
-                                Warn,
-                                "job '{}' failed: {e}",
-                                info.id.clone().unwrap_or_default()
-                            );
-                            v["error"] = json!(e);
+                            log_at!(Warn, "job '{id}' failed: {e}");
+                            let job = failed_job(&meta, &id, &e);
+                            v["error"] = json!(job_error_text(job.as_ref(), &e));
                         } else {
-                            log_at!(
-                                Info,
-                                "job '{}' completed",
-                                info.id.clone().unwrap_or_default()
-                            );
+                            log_at!(Info, "job '{id}' completed");
                         }
                         events.emit("BLOCK_JOB_COMPLETED", v);
                     }

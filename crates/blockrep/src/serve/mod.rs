@@ -10,22 +10,50 @@
 //!
 //! Commands (argument shapes in `schema.rs`, QEMU's): `blockdev-add`,
 //! `blockdev-del`, `query-named-block-nodes`, `query-block`,
-//! `query-blockstats`, `x-blockdev-change`, `nbd-server-start`,
-//! `nbd-server-add`, `block-export-add` (type `nbd`), `nbd-server-remove`,
+//! `query-blockstats`, `x-blockdev-change`, `block_resize`,
+//! `nbd-server-start`, `nbd-server-add`, `block-export-add` (type `nbd`),
+//! `block-export-del`, `query-block-exports`, `nbd-server-remove`,
 //! `nbd-server-stop`, `blockdev-backup`, `block-commit` (active and
 //! intermediate), `blockdev-mirror`, `block-stream`, `query-block-jobs`,
 //! `block-job-cancel`/`-pause`/`-resume`/`-complete`/`-set-speed`,
-//! `job-dismiss`, `xen-set-replication`, `query-xen-replication-status`,
+//! `query-jobs`, `job-pause`/`-resume`/`-cancel`/`-complete`/`-finalize`/
+//! `-dismiss`, `xen-set-replication`, `query-xen-replication-status`,
 //! `xen-colo-do-checkpoint`, `x-colo-lost-heartbeat`, the status command,
 //! and the protocol's own `qmp_capabilities`, `query-version`,
-//! `query-commands`, `quit`. Job events: `JOB_STATUS_CHANGE`,
-//! `BLOCK_JOB_READY`, `BLOCK_JOB_COMPLETED`, `BLOCK_JOB_CANCELLED`,
-//! `BLOCK_JOB_ERROR`.
+//! `query-commands`, `quit`. Events: `JOB_STATUS_CHANGE {id, status}`,
+//! `BLOCK_JOB_READY`, `BLOCK_JOB_COMPLETED` (`error` on failure: the
+//! errno's text, as QEMU), `BLOCK_JOB_CANCELLED` (all `{type, device, len,
+//! offset, speed}`), `BLOCK_JOB_ERROR {device, operation, action}`,
+//! `BLOCK_EXPORT_DELETED {id}` (`block-export-del`, `nbd-server-remove`,
+//! `nbd-server-stop`).
+//!
+//! `block_resize {device?, node-name?, size}`: `device` names a block
+//! backend (our export ids, as `query-block` lists them), `node-name` a
+//! node; grows the node (shrinks where the driver can: `memory`, `file`,
+//! `raw`; qcow2 only grows). Refused while an op blocker covers resize: on
+//! the `top-id` node of a running replication the description says the node
+//! is in use by replication (as for jobs on that node).
+//!
+//! Jobs: `query-jobs` lists QEMU's `JobInfo` (`id`, `type`, `status`,
+//! `current-progress`, `total-progress`, `error` once failed); internal
+//! jobs (replication's backup and failover commit) are never listed nor
+//! reachable by id. Our jobs always finalize themselves (`auto-finalize:
+//! false` is refused): `job-finalize` is accepted only in `pending`, as
+//! QEMU's verb table says, where it has nothing left to do; everywhere else
+//! it fails with QEMU's "Job 'x' in state 's' cannot accept command verb
+//! 'finalize'". `job-complete` is accepted in `ready` only (not `standby`),
+//! `job-cancel` is always a forced cancel, an unknown id is "Job not found".
+//!
+//! Failover: once a secondary's failover commit completed, its active and
+//! hidden disks (out of the I/O path by then) are closed and leave the
+//! graph, as QEMU drops its last references to them; disks the user added
+//! by name with `blockdev-add` stay until `blockdev-del`, as in QEMU.
 //!
 //! Error classes: a `device` argument naming no node is `DeviceNotFound`
 //! ("Cannot find device='x' nor node-name='x'"); an unknown block job is
 //! `DeviceNotActive` ("Block job 'x' not found"), as QEMU; everything else
-//! is `GenericError`. A failing command leaves the graph as it was.
+//! is `GenericError` (`block_resize`'s lookup too, as QEMU's
+//! `bdrv_lookup_bs`: "Cannot find device='d' nor node-name='n'"). A failing command leaves the graph as it was.
 //!
 //! Not supported (refused with a GenericError naming the option): TLS,
 //! dirty bitmaps, `auto-finalize: false`, `filter-node-name`, mirror
@@ -79,6 +107,10 @@ pub(crate) struct Daemon {
     pub(crate) states: StateRegistry,
     pub(crate) nbd: Mutex<Option<export::NbdState>>,
     pub(crate) events: EventEmitter,
+    /// What QMP reports of user jobs beyond block-jobs' `JobInfo`.
+    pub(crate) job_meta: jobs::MetaMap,
+    /// Active/hidden disks to close once a running failover completes.
+    pub(crate) failover_leftovers: repl::Leftovers,
 }
 
 impl Daemon {
@@ -97,6 +129,8 @@ impl Daemon {
             states,
             nbd: Mutex::new(None),
             events,
+            job_meta: jobs::MetaMap::default(),
+            failover_leftovers: repl::Leftovers::default(),
         }
     }
 
@@ -141,6 +175,9 @@ pub(crate) fn build_registry() -> Result<(Registry, Arc<Daemon>), qmp::Error> {
 }
 
 fn dispatch(d: &Daemon, cmd: &str, a: &qmp::Args) -> Result<serde_json::Value, QmpError> {
+    // Nodes a completed failover left without users go before any command
+    // looks at the graph (see `repl::reap_failover_leftovers`).
+    repl::reap_failover_leftovers(d);
     match cmd {
         "blockdev-add" => block::blockdev_add(d, a),
         "blockdev-del" => block::blockdev_del(d, a),
@@ -163,7 +200,16 @@ fn dispatch(d: &Daemon, cmd: &str, a: &qmp::Args) -> Result<serde_json::Value, Q
         "block-job-resume" => jobs::block_job_verb(d, a, jobs::Verb::Resume),
         "block-job-complete" => jobs::block_job_verb(d, a, jobs::Verb::Complete),
         "block-job-set-speed" => jobs::block_job_set_speed(d, a),
+        "query-jobs" => jobs::query_jobs(d),
+        "job-pause" => jobs::job_verb(d, a, jobs::Verb::Pause),
+        "job-resume" => jobs::job_verb(d, a, jobs::Verb::Resume),
+        "job-cancel" => jobs::job_verb(d, a, jobs::Verb::Cancel),
+        "job-complete" => jobs::job_verb(d, a, jobs::Verb::Complete),
+        "job-finalize" => jobs::job_verb(d, a, jobs::Verb::Finalize),
         "job-dismiss" => jobs::job_dismiss(d, a),
+        "block_resize" => block::block_resize(d, a),
+        "block-export-del" => export::block_export_del(d, a),
+        "query-block-exports" => export::query_block_exports(d),
         "xen-set-replication" => repl::xen_set_replication(d, a),
         "query-xen-replication-status" => repl::query_status(d),
         "xen-colo-do-checkpoint" => repl::do_checkpoint(d),

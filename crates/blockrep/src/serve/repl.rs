@@ -3,10 +3,12 @@
 //! `xen-colo-do-checkpoint`, `x-colo-lost-heartbeat`), and our status query
 //! ([`super::STATUS_COMMAND`]).
 
-use std::sync::Arc;
-use std::time::UNIX_EPOCH;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Weak};
+use std::time::{Duration, UNIX_EPOCH};
 
-use block_graph::{NodeRef, ReopenOpts};
+use block_graph::{Graph, Node, NodeRef, ReopenOpts};
+use parking_lot::Mutex;
 
 use qmp::{Args, QmpError};
 use replication_core::ReplicationMode;
@@ -46,7 +48,14 @@ pub(crate) fn xen_set_replication(d: &Daemon, a: &Args) -> Result<Value, QmpErro
         log_at!(Info, "replication started ({mode})");
     } else {
         let failover = failover.unwrap_or(false);
-        match d.repl.stop_all(failover) {
+        let leftovers = if failover {
+            failover_candidates(d)
+        } else {
+            Vec::new()
+        };
+        let r = d.repl.stop_all(failover);
+        watch_failovers(d, leftovers);
+        match r {
             Ok(()) => log_at!(Info, "replication stopped (failover={failover})"),
             Err(e) if failover => log_at!(Warn, "replication failover: {e}"),
             Err(e) => return Err(generic(e)),
@@ -136,10 +145,125 @@ pub(crate) fn lost_heartbeat(d: &Daemon) -> Result<Value, QmpError> {
         return Err(QmpError::generic("The feature 'colo' is not enabled"));
     }
     log_at!(Info, "lost heartbeat: failing over");
+    let leftovers = failover_candidates(d);
     if let Err(e) = d.repl.stop_all(true) {
         log_at!(Warn, "failover: {e}");
     }
+    watch_failovers(d, leftovers);
     Ok(json!({}))
+}
+
+/// The active and hidden disks of a secondary whose failover commit runs.
+/// QEMU's replication drops its references to them once the commit is
+/// done (the active disk leaves the chain, replication unrefs the hidden
+/// disk), so they are closed when nothing else holds them: nodes the user
+/// added by name with `blockdev-add` stay until `blockdev-del`.
+pub(crate) struct Leftover {
+    repl: Replication,
+    nodes: Vec<Weak<Node>>,
+}
+
+/// Pending leftovers, shared with the threads waiting for the commits.
+pub(crate) type Leftovers = Arc<Mutex<Vec<Leftover>>>;
+
+/// Before a failover stop: the active and hidden disks of every running
+/// secondary.
+fn failover_candidates(d: &Daemon) -> Vec<Leftover> {
+    let mut out = Vec::new();
+    for n in d.graph.nodes() {
+        let Some(r) = Replication::of(&n) else {
+            continue;
+        };
+        if r.mode() != ReplicationMode::Secondary || r.state() != ReplicationState::Running {
+            continue;
+        }
+        let active = n.file();
+        let hidden = active.as_ref().and_then(|a| a.backing());
+        let nodes = [active, hidden]
+            .into_iter()
+            .flatten()
+            .map(|x| Arc::downgrade(&x))
+            .collect();
+        out.push(Leftover { repl: r, nodes });
+    }
+    out
+}
+
+/// Queues the candidates and starts one thread per failover that closes
+/// them when its commit ended (commands also reap first, so a client that
+/// saw the replication DONE sees the graph without them).
+fn watch_failovers(d: &Daemon, leftovers: Vec<Leftover>) {
+    for lo in leftovers {
+        let repl = lo.repl.clone();
+        d.failover_leftovers.lock().push(lo);
+        let graph = d.graph.clone();
+        let list = Arc::clone(&d.failover_leftovers);
+        let _ = std::thread::Builder::new()
+            .name(format!("failover-reap-{}", repl.name()))
+            .spawn(move || {
+                while !repl.wait_failover(Duration::from_secs(3600)) {}
+                reap(&graph, &list, true);
+            });
+    }
+}
+
+/// Closes the leftovers of completed failovers (see [`Leftover`]).
+pub(crate) fn reap_failover_leftovers(d: &Daemon) {
+    reap(&d.graph, &d.failover_leftovers, false);
+}
+
+fn reap(graph: &Graph, list: &Mutex<Vec<Leftover>>, last_try: bool) {
+    let mut l = list.lock();
+    if l.is_empty() {
+        return;
+    }
+    l.retain(|lo| match lo.repl.state() {
+        ReplicationState::Failover => !last_try,
+        ReplicationState::Done => {
+            let all_gone = lo.nodes.iter().all(|w| close_if_unused(graph, w));
+            !all_gone && !last_try
+        }
+        // A failed failover keeps active and hidden in the I/O path.
+        _ => false,
+    });
+}
+
+/// Closes an implicit node nobody uses any more; true when the node is
+/// gone or is not ours to close (user-added, or still used).
+fn close_if_unused(graph: &Graph, w: &Weak<Node>) -> bool {
+    let Some(n) = w.upgrade() else { return true };
+    if n.is_removed() {
+        return true;
+    }
+    if !n.is_implicit() {
+        return true;
+    }
+    if !n.parents().is_empty() || n.has_backend() {
+        return false;
+    }
+    // block-graph closes an implicit node when its last parent goes; hang
+    // it under a short-lived read-only raw node and remove that.
+    static NEXT: AtomicU64 = AtomicU64::new(0);
+    let tmp = format!("blockrep-release{}", NEXT.fetch_add(1, Ordering::Relaxed));
+    let name = n.name().to_string();
+    drop(n);
+    match graph.add_node(
+        &json!({"driver": "raw", "node-name": tmp, "read-only": true,
+                                 "file": name}),
+    ) {
+        Ok(_) => {
+            if let Err(e) = graph.remove_node(&tmp) {
+                log_at!(Warn, "releasing node '{name}': {e}");
+                return false;
+            }
+            log_at!(Info, "failover done: node '{name}' closed");
+            true
+        }
+        Err(e) => {
+            log_at!(Warn, "releasing node '{name}': {e}");
+            true
+        }
+    }
 }
 
 fn replications(d: &Daemon) -> Vec<Replication> {

@@ -162,7 +162,22 @@ pub const COMMANDS: &[(&str, &str)] = &[
     ("block-job-resume", "{ 'device': 'str' }"),
     ("block-job-complete", "{ 'device': 'str' }"),
     ("block-job-set-speed", "{ 'device': 'str', 'speed': 'int' }"),
+    ("query-jobs", "{ }"),
+    ("job-pause", "{ 'id': 'str' }"),
+    ("job-resume", "{ 'id': 'str' }"),
+    ("job-cancel", "{ 'id': 'str' }"),
+    ("job-complete", "{ 'id': 'str' }"),
+    ("job-finalize", "{ 'id': 'str' }"),
     ("job-dismiss", "{ 'id': 'str' }"),
+    (
+        "block_resize",
+        "{ '*device': 'str', '*node-name': 'str', 'size': 'int' }",
+    ),
+    (
+        "block-export-del",
+        "{ 'id': 'str', '*mode': 'BlockExportRemoveMode' }",
+    ),
+    ("query-block-exports", "{ }"),
     (
         "xen-set-replication",
         "{ 'enable': 'bool', 'primary': 'bool', '*failover': 'bool' }",
