@@ -32,6 +32,17 @@ pub(crate) struct NbdState {
 struct ExportEntry {
     name: String,
     node: String,
+    /// Creation order (QEMU lists and closes exports in that order).
+    seq: u64,
+}
+
+impl NbdState {
+    /// Export ids in creation order.
+    fn ids_in_order(&self) -> Vec<String> {
+        let mut v: Vec<(&String, u64)> = self.exports.iter().map(|(k, e)| (k, e.seq)).collect();
+        v.sort_by_key(|(_, s)| *s);
+        v.into_iter().map(|(k, _)| k.clone()).collect()
+    }
 }
 
 /// `nbd-server-start`.
@@ -142,6 +153,7 @@ fn add_export(
         ExportEntry {
             name: name.to_string(),
             node: node_name.to_string(),
+            seq: st.exports.values().map(|e| e.seq + 1).max().unwrap_or(0),
         },
     );
     log_at!(
@@ -265,8 +277,9 @@ pub(crate) fn query_block_exports(d: &Daemon) -> Result<Value, QmpError> {
     let list = match guard.as_ref() {
         None => Vec::new(),
         Some(st) => st
-            .exports
+            .ids_in_order()
             .iter()
+            .filter_map(|id| st.exports.get(id).map(|e| (id, e)))
             .map(|(id, e)| {
                 json!({"id": id, "type": "nbd", "node-name": e.node, "shutting-down": false})
             })
@@ -289,7 +302,10 @@ pub(crate) fn nbd_server_stop(d: &Daemon) -> Result<Value, QmpError> {
 pub(crate) fn stop_server(d: &Daemon) {
     let st = d.nbd.lock().take();
     if let Some(st) = st {
-        for (id, e) in &st.exports {
+        for id in st.ids_in_order() {
+            let Some(e) = st.exports.get(&id) else {
+                continue;
+            };
             let _ = st.server.remove_export(&e.name, RemoveMode::Hard);
             d.events.emit("BLOCK_EXPORT_DELETED", json!({ "id": id }));
         }

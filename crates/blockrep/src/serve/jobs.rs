@@ -530,20 +530,15 @@ fn verb_error(j: &Job, status: JobStatus, verb: &str) -> QmpError {
 }
 
 /// Applies a verb with QEMU's checks and error texts (block-jobs' own
-/// texts differ in wording for pause/resume, and it also accepts complete
-/// in `standby`, which QEMU's verb table does not).
+/// texts differ in wording for pause/resume; its verb table is QEMU's
+/// since 6.2, complete accepted in `ready` and `standby`).
 fn apply_verb(j: &Job, v: Verb) -> Result<(), QmpError> {
     let status = j.status();
     let r = match v {
         Verb::Pause => j.pause(),
         Verb::Resume => j.resume(),
         Verb::Cancel => j.cancel(true),
-        Verb::Complete => {
-            if status != JobStatus::Ready {
-                return Err(verb_error(j, status, "complete"));
-            }
-            j.complete()
-        }
+        Verb::Complete => j.complete(),
         Verb::Finalize => {
             // Jobs finalize themselves; a job seen in `pending` is doing so.
             if status != JobStatus::Pending {

@@ -41,8 +41,9 @@
 //! false` is refused): `job-finalize` is accepted only in `pending`, as
 //! QEMU's verb table says, where it has nothing left to do; everywhere else
 //! it fails with QEMU's "Job 'x' in state 's' cannot accept command verb
-//! 'finalize'". `job-complete` is accepted in `ready` only (not `standby`),
-//! `job-cancel` is always a forced cancel, an unknown id is "Job not found".
+//! 'finalize'". `job-complete` is accepted in `ready` and `standby` (a
+//! paused ready job completes once resumed), `job-cancel` is always a
+//! forced cancel, an unknown id is "Job not found".
 //!
 //! Failover: once a secondary's failover commit completed, its active and
 //! hidden disks (out of the I/O path by then) are closed and leave the
