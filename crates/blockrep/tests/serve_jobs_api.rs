@@ -509,6 +509,13 @@ fn query_jobs_and_job_verbs_on_a_running_backup() {
         "GenericError",
         "Job is already paused",
     );
+    err_is(
+        &mut q,
+        "block-job-cancel",
+        json!({"device": "j0"}),
+        "GenericError",
+        "The block job for device 'j0' is currently paused",
+    );
     let progress = q.ok("query-jobs", json!({}))[0]["current-progress"].clone();
     std::thread::sleep(Duration::from_millis(300));
     assert_eq!(

@@ -502,11 +502,19 @@ fn find_job(d: &Daemon, id: &str) -> Result<Job, QmpError> {
         .map_err(|_| QmpError::generic("Job not found"))
 }
 
-/// `block-job-cancel`.
+/// `block-job-cancel`: as QEMU, a paused job is only cancelled with
+/// `force` ("The block job for device 'x' is currently paused").
 pub(crate) fn block_job_cancel(d: &Daemon, a: &Args) -> Result<Value, QmpError> {
-    let j = find_block_job(d, a.str("device")?)?;
-    j.cancel(a.opt_bool("force").unwrap_or(false))
-        .map_err(jerr)?;
+    let device = a.str("device")?;
+    let j = find_block_job(d, device)?;
+    let force = a.opt_bool("force").unwrap_or(false);
+    let i = j.info();
+    if !force && i.paused && matches!(i.status, JobStatus::Paused | JobStatus::Standby) {
+        return Err(QmpError::generic(format!(
+            "The block job for device '{device}' is currently paused"
+        )));
+    }
+    j.cancel(force).map_err(jerr)?;
     Ok(json!({}))
 }
 
