@@ -126,7 +126,11 @@ fn memory_filled(q: &mut Qmp, dir: &Path, name: &str, size: u64, byte: u8) {
         &nbd_uri(&dir.join("nbd.sock"), name),
         &[&format!("write -P {byte:#x} 0 {size}")],
     );
-    q.ok("block-export-del", json!({"id": format!("fill-{name}")}));
+    // Hard: qemu-io's connection may still be closing on the server side.
+    q.ok(
+        "block-export-del",
+        json!({"id": format!("fill-{name}"), "mode": "hard"}),
+    );
     q.wait_event("BLOCK_EXPORT_DELETED", T, |d| {
         d == &json!({"id": format!("fill-{name}")})
     });
