@@ -217,3 +217,176 @@ fn secondary_killed_during_a_checkpoint() {
         let _ = MIB;
     }
 }
+
+/// The secondary daemon killed while replicating, then a new one started:
+/// the primary keeps serving its guest throughout; its broken replication
+/// child is dropped (`x-blockdev-change`, `blockdev-del`), the primary's
+/// disk is copied to the new secondary's fresh secondary disk
+/// (`blockdev-mirror` sync=full, soft-cancelled once ready, while the guest
+/// keeps writing), and replication resumes with a new replication child:
+/// checkpoints succeed, status is clean, and both the secondary disk and
+/// the secondary guest's view then hold every write the primary's guest
+/// made, before, during and after the outage.
+#[test]
+fn secondary_killed_and_restarted_then_replication_resumes() {
+    let mut p = pair();
+    let pg = nbd_uri(&p.p_nbd, "disk0");
+    qemu_io(&pg, &["write -P 0x22 0 8M"]);
+    p.pri.qmp().ok("xen-colo-do-checkpoint", json!({}));
+    p.sec.qmp().ok("xen-colo-do-checkpoint", json!({}));
+    p.sec.kill9();
+    // The primary's guest keeps working; the status names the loss.
+    qemu_io(
+        &pg,
+        &[
+            "write -P 0x23 8M 8M",
+            "read -P 0x22 0 8M",
+            "read -P 0x23 8M 8M",
+        ],
+    );
+    let mut pq = p.pri.qmp();
+    let st = pq.ok("query-xen-replication-status", json!({}));
+    assert_eq!(st["error"], true, "{st}");
+    // Drop the broken replication child.
+    pq.ok(
+        "x-blockdev-change",
+        json!({"parent": "colo-disk0", "child": "children.1"}),
+    );
+    pq.ok("blockdev-del", json!({"node-name": "rep-p"}));
+    assert_eq!(
+        pq.ok("query-xen-replication-status", json!({})),
+        json!({"error": false})
+    );
+    qemu_io(&pg, &["write -P 0x24 16M 4M", "read -P 0x22 0 8M"]);
+
+    // A new secondary on fresh images.
+    for img in ["sec", "active", "hidden"] {
+        let f = p.dir.join(format!("{img}.qcow2"));
+        std::fs::remove_file(&f).unwrap();
+        qemu_img_create("qcow2", &f, "64M");
+    }
+    let sec2 = Daemon::start(&p.dir, "secondary2");
+    let s_nbd2 = p.dir.join("s2.sock");
+    let mut sq = sec2.qmp();
+    let qcow2 = |node: &str, file: &str| {
+        json!({"driver": "qcow2", "node-name": node,
+               "file": {"driver": "file", "filename": p.dir.join(file)}})
+    };
+    sq.ok("blockdev-add", qcow2("sec-disk", "sec.qcow2"));
+    sq.ok(
+        "nbd-server-start",
+        json!({"addr": {"type": "unix", "data": {"path": s_nbd2}}}),
+    );
+    sq.ok(
+        "nbd-server-add",
+        json!({"device": "sec-disk", "name": "sec-disk", "writable": true}),
+    );
+
+    // Resynchronise: mirror the primary's local disk to it while the
+    // guest keeps writing.
+    pq.ok(
+        "blockdev-add",
+        json!({"driver": "nbd", "node-name": "resync", "export": "sec-disk",
+               "server": {"type": "unix", "path": s_nbd2}}),
+    );
+    pq.ok(
+        "blockdev-mirror",
+        json!({"job-id": "resync-job", "device": "local", "target": "resync",
+               "sync": "full"}),
+    );
+    pq.wait_event("BLOCK_JOB_READY", Duration::from_secs(120), |d| {
+        d["device"] == "resync-job"
+    });
+    qemu_io(&pg, &["write -P 0x25 20M 1M"]);
+    // Soft cancel once ready: the target is in sync, the source stays.
+    pq.ok("block-job-cancel", json!({"device": "resync-job"}));
+    let ev = pq.wait_event("BLOCK_JOB_COMPLETED", Duration::from_secs(60), |d| {
+        d["device"] == "resync-job"
+    });
+    assert!(ev["data"].get("error").is_none(), "{ev}");
+    pq.ok("blockdev-del", json!({"node-name": "resync"}));
+
+    // The new secondary's replication stack, then the primary's new
+    // replication child, both started.
+    let mut hidden = qcow2("hidden", "hidden.qcow2");
+    hidden["backing"] = json!("sec-disk");
+    let mut active = qcow2("active", "active.qcow2");
+    active["backing"] = hidden;
+    sq.ok(
+        "blockdev-add",
+        json!({"driver": "replication", "node-name": "top", "mode": "secondary",
+               "top-id": "top", "file": active}),
+    );
+    sq.ok(
+        "block-export-add",
+        json!({"type": "nbd", "id": "guest", "node-name": "top", "name": "disk0",
+               "writable": true}),
+    );
+    sq.ok(
+        "xen-set-replication",
+        json!({"enable": true, "primary": false}),
+    );
+    pq.ok(
+        "blockdev-add",
+        json!({"driver": "replication", "node-name": "rep-p2", "mode": "primary",
+               "file": {"driver": "nbd", "node-name": "nbd-client2", "export": "sec-disk",
+                        "server": {"type": "unix", "path": s_nbd2},
+                        "reconnect-delay": 0}}),
+    );
+    pq.ok(
+        "x-blockdev-change",
+        json!({"parent": "colo-disk0", "node": "rep-p2"}),
+    );
+    pq.ok(
+        "xen-set-replication",
+        json!({"enable": true, "primary": true}),
+    );
+
+    // Replicating again.
+    qemu_io(&pg, &["write -P 0x26 24M 2M"]);
+    pq.ok("xen-colo-do-checkpoint", json!({}));
+    sq.ok("xen-colo-do-checkpoint", json!({}));
+    assert_eq!(
+        pq.ok("query-xen-replication-status", json!({})),
+        json!({"error": false})
+    );
+    assert_eq!(
+        sq.ok("query-xen-replication-status", json!({})),
+        json!({"error": false})
+    );
+    assert_eq!(status(&mut pq, "rep-p2")["state"], "RUNNING");
+    assert_eq!(status(&mut sq, "top")["state"], "RUNNING");
+    let all = [
+        "read -P 0x22 0 8M",
+        "read -P 0x23 8M 8M",
+        "read -P 0x24 16M 4M",
+        "read -P 0x25 20M 1M",
+        "read -P 0 21M 3M",
+        "read -P 0x26 24M 2M",
+        "read -P 0 26M 38M",
+    ];
+    qemu_io(&pg, &all);
+    qemu_io(&nbd_uri(&s_nbd2, "disk0"), &all);
+    // Stop both cleanly; the secondary disk holds it all.
+    pq.ok(
+        "xen-set-replication",
+        json!({"enable": false, "primary": true}),
+    );
+    sq.ok(
+        "xen-set-replication",
+        json!({"enable": false, "primary": false}),
+    );
+    drop(pq);
+    drop(sq);
+    p.pri.qmp().ok("quit", json!({}));
+    assert_eq!(p.pri.wait(), Some(0));
+    sec2.qmp().ok("quit", json!({}));
+    let mut sec2 = sec2;
+    assert_eq!(sec2.wait(), Some(0));
+    check_all(&p.dir);
+    let (d, sock) = restart_secondary(&p.dir, "secondary3", false);
+    qemu_io(&nbd_uri(&sock, "sec-disk"), &all);
+    d.qmp().ok("quit", json!({}));
+    let mut d = d;
+    assert_eq!(d.wait(), Some(0));
+}
