@@ -9,6 +9,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
 
+use super::fault::{Fault, Place};
 use super::DemoError;
 
 /// A `blockrep serve` child process, killed when dropped.
@@ -206,12 +207,22 @@ impl Files {
 /// (qcow2) over hidden (qcow2) over the secondary disk under a
 /// replication(secondary) filter, exported to the secondary guest; then
 /// replication started.
-pub(crate) fn build_secondary(q: &mut Qmp, f: &Files) -> Result<(), DemoError> {
+/// With a fault on the secondary disk, a blkdebug node goes between the
+/// disk and its file.
+pub(crate) fn build_secondary(
+    q: &mut Qmp,
+    f: &Files,
+    fault: Option<&Fault>,
+) -> Result<(), DemoError> {
     use names::*;
+    let file = Fault::wrap(
+        fault,
+        Place::SecondaryDisk,
+        json!({"driver": "file", "filename": f.secondary_disk}),
+    );
     q.run(
         "blockdev-add",
-        json!({"driver": "raw", "node-name": SECONDARY_DISK,
-               "file": {"driver": "file", "filename": f.secondary_disk}}),
+        json!({"driver": "raw", "node-name": SECONDARY_DISK, "file": file}),
     )?;
     q.run(
         "nbd-server-start",
@@ -248,7 +259,13 @@ pub(crate) fn build_secondary(q: &mut Qmp, f: &Files) -> Result<(), DemoError> {
 /// filter over an NBD client of the secondary disk added to the quorum with
 /// `x-blockdev-change`; the quorum exported to the primary guest; then
 /// replication started.
-pub(crate) fn build_primary(q: &mut Qmp, f: &Files) -> Result<(), DemoError> {
+/// With a fault on the link, a blkdebug node goes between the replication
+/// filter and the NBD client.
+pub(crate) fn build_primary(
+    q: &mut Qmp,
+    f: &Files,
+    fault: Option<&Fault>,
+) -> Result<(), DemoError> {
     use names::*;
     q.run(
         "blockdev-add",
@@ -260,13 +277,18 @@ pub(crate) fn build_primary(q: &mut Qmp, f: &Files) -> Result<(), DemoError> {
         json!({"driver": "quorum", "node-name": PRIMARY_QUORUM, "vote-threshold": 1,
                "read-pattern": "fifo", "children": ["primary-local"]}),
     )?;
+    let link = Fault::wrap(
+        fault,
+        Place::Link,
+        json!({"driver": "nbd", "node-name": "nbd-to-secondary",
+               "export": SECONDARY_DISK,
+               "server": {"type": "unix", "path": f.secondary_nbd},
+               "reconnect-delay": 0}),
+    );
     q.run(
         "blockdev-add",
         json!({"driver": "replication", "node-name": PRIMARY_REPLICATION, "mode": "primary",
-               "file": {"driver": "nbd", "node-name": "nbd-to-secondary",
-                        "export": SECONDARY_DISK,
-                        "server": {"type": "unix", "path": f.secondary_nbd},
-                        "reconnect-delay": 0}}),
+               "file": link}),
     )?;
     q.run(
         "x-blockdev-change",

@@ -23,6 +23,7 @@
 
 mod daemons;
 mod error;
+mod fault;
 mod progress;
 mod rng;
 mod state;
@@ -44,6 +45,8 @@ use serde_json::json;
 
 use daemons::{names, DaemonProc, Files, Qmp};
 pub(crate) use error::DemoError;
+use fault::{Fault, FaultSummary};
+pub use fault::{FaultErrno, FaultKind};
 use progress::{human, Progress};
 use rng::Rng;
 use state::{PrimarySide, SecondarySide, STATE_ID, STATE_VERSION};
@@ -80,6 +83,24 @@ pub struct Args {
     /// Print the summary as JSON on stdout.
     #[arg(long)]
     pub json: bool,
+    /// Inject a fault (blkdebug on the NBD link or the secondary disk, or
+    /// the NBD link dropped) and check the outcome docs/reliability.md's
+    /// fault matrix names: the primary guest sees no error, the primary
+    /// reports the replication error, its disk holds every acknowledged
+    /// write, the secondary guest's view is intact; no checkpoint after it;
+    /// a secondary-disk fault hitting the failover commit ends in
+    /// FAILOVER_FAILED with the secondary guest's view intact.
+    #[arg(long, value_enum, value_name = "KIND")]
+    pub fault: Option<FaultKind>,
+    /// errno of an injected I/O fault.
+    #[arg(long, value_enum, default_value = "EIO", value_name = "ERRNO")]
+    pub fault_errno: FaultErrno,
+    /// Write faults: how many 512-byte sectors fail every write covering
+    /// them (seeded places in the hot eighth of the disk, where half the
+    /// guests' I/O goes; random 1 to 16 from the seed if not given). Flush
+    /// faults fail every flush; link-drop happens at a seeded moment.
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u64).range(1..=4096))]
+    pub fault_sectors: Option<u64>,
     /// (tests) Corrupt one byte of the secondary disk before the final
     /// verification, which must then fail.
     #[arg(long, hide = true)]
@@ -98,22 +119,43 @@ pub fn run(args: Args) -> ExitCode {
             } else {
                 print!("{}", s.table());
             }
+            let ctx = fault_context(&args, Some(s.seed));
             if s.verification.result == "passed" {
                 ExitCode::SUCCESS
             } else {
                 if let Some(d) = &s.verification.first_difference {
-                    eprintln!("blockrep demo: verification FAILED: {d}");
+                    eprintln!("blockrep demo: verification FAILED{ctx}: {d}");
                 } else if let Some(e) = &s.verification.error {
-                    eprintln!("blockrep demo: verification FAILED: {e}");
+                    eprintln!("blockrep demo: verification FAILED{ctx}: {e}");
                 }
                 ExitCode::from(1)
             }
         }
         Err(e) => {
-            eprintln!("blockrep demo: error: {e}");
+            let ctx = fault_context(&args, None);
+            eprintln!("blockrep demo: error{ctx}: {e}");
             ExitCode::from(2)
         }
     }
+}
+
+/// ` (seed S, fault F)` when a fault was injected (empty otherwise: the
+/// messages of a run without a fault stay as they were).
+fn fault_context(a: &Args, seed: Option<u64>) -> String {
+    let Some(k) = a.fault else {
+        return String::new();
+    };
+    let seed = seed
+        .or(a.seed)
+        .map_or("printed at start".into(), |s| s.to_string());
+    let after = a
+        .fault_sectors
+        .map_or(String::new(), |n| format!(" --fault-sectors {n}"));
+    format!(
+        " (seed {seed}, fault --fault {} --fault-errno {}{after})",
+        k.name(),
+        a.fault_errno.name()
+    )
 }
 
 fn parse_size(s: &str) -> Result<u64, String> {
@@ -310,6 +352,17 @@ struct Demo<'a> {
     pri_states: StateRegistry,
     sec_states: StateRegistry,
     sec_side: Arc<SecondarySide>,
+    /// The injected fault, if any.
+    fault: Option<Fault>,
+    /// The secondary's NBD export was removed (link-drop).
+    link_dropped: bool,
+    /// The primary reported a replication error: no more checkpoints.
+    broken: bool,
+    /// The secondary's failover ended in FAILOVER_FAILED.
+    failover_failed: bool,
+    /// What the fault did, and what was verified about it.
+    fault_outcome: Option<String>,
+    fault_verified: Vec<String>,
     // Figures.
     /// The checkpoint stream buffer, reused (no fresh pages per checkpoint).
     stream: Vec<u8>,
@@ -350,8 +403,24 @@ impl Demo<'_> {
             secondary.pid().unwrap_or(0),
             primary.pid().unwrap_or(0)
         ));
-        daemons::build_secondary(&mut sq, &files)?;
-        daemons::build_primary(&mut pq, &files)?;
+        let fault = args.fault.map(|kind| {
+            let mut r = Rng(seed ^ 0xFA17);
+            let n = args.fault_sectors.unwrap_or_else(|| 1 + r.below(16));
+            let hot = (args.disk_size / 8).max(512) / 512;
+            let mut sectors: Vec<u64> = (0..n).map(|_| r.below(hot)).collect();
+            sectors.sort_unstable();
+            sectors.dedup();
+            Fault {
+                kind,
+                errno: args.fault_errno,
+                sectors: if kind.is_write() { sectors } else { Vec::new() },
+            }
+        });
+        if let Some(f) = &fault {
+            progress.phase(&format!("fault injection: {}", f.describe()));
+        }
+        daemons::build_secondary(&mut sq, &files, fault.as_ref())?;
+        daemons::build_primary(&mut pq, &files, fault.as_ref())?;
 
         let connect = |side: &'static str, sock: &Path| {
             NbdClient::connect(ServerAddr::Unix(sock.to_path_buf()), names::GUEST_EXPORT).map_err(
@@ -410,6 +479,12 @@ impl Demo<'_> {
             pri_states,
             sec_states,
             sec_side,
+            fault,
+            link_dropped: false,
+            broken: false,
+            failover_failed: false,
+            fault_outcome: None,
+            fault_verified: Vec::new(),
             stream: Vec::new(),
             pauses: Vec::new(),
             verify_times: Vec::new(),
@@ -475,6 +550,17 @@ impl Demo<'_> {
             checkpoint_verify: PauseSummary::of(&d.verify_times),
             clusters_copied_before_write: d.copied,
             failover,
+            fault: d.fault.clone().map(|f| FaultSummary {
+                kind: f.kind,
+                errno: (f.kind != FaultKind::LinkDrop).then_some(f.errno),
+                sectors: f.sectors,
+                outcome: d.fault_outcome.clone().unwrap_or_else(|| {
+                    "not hit (no error reported; the run went as without it)".into()
+                }),
+                verified: d.fault_verified.clone(),
+                broken: d.broken,
+                failover_failed: d.failover_failed,
+            }),
             verification: Verification {
                 result: if passed { "passed" } else { "failed" },
                 checkpoints_verified: d.pauses.len() as u64,
@@ -578,6 +664,16 @@ impl Demo<'_> {
                 None => ", no kill".into(),
             }
         ));
+        // link-drop: at a seeded moment before the kill (or the end).
+        let drop_at = self
+            .fault
+            .as_ref()
+            .filter(|f| f.kind == FaultKind::LinkDrop)
+            .map(|_| {
+                let mut r = Rng(self.seed ^ 0xD209);
+                let frac = 0.1 + 0.8 * (r.below(1000) as f64 / 1000.0);
+                start + (kill_at.unwrap_or(end) - start).mul_f64(frac)
+            });
         let mut next = start + interval;
         loop {
             self.reap_workers(false)?;
@@ -588,7 +684,10 @@ impl Demo<'_> {
             if kill_at.is_some_and(|k| now >= k) || now >= end {
                 break;
             }
-            if now >= next {
+            if !self.link_dropped && drop_at.is_some_and(|t| now >= t) {
+                self.drop_link()?;
+            }
+            if now >= next && !self.broken {
                 self.checkpoint(true)?;
                 next = (next + interval).max(Instant::now());
             }
@@ -600,7 +699,8 @@ impl Demo<'_> {
             );
             self.progress.bar(now - start, a.duration, &status);
             let wake = [
-                Some(next),
+                (!self.broken).then_some(next),
+                drop_at.filter(|_| !self.link_dropped),
                 kill_at,
                 Some(end),
                 Some(now + Duration::from_millis(100)),
@@ -618,7 +718,11 @@ impl Demo<'_> {
             return Ok((None, start.elapsed()));
         }
         if a.no_kill {
-            self.clean_stop()?;
+            if self.broken {
+                self.broken_stop()?;
+            } else {
+                self.clean_stop()?;
+            }
             Ok((None, start.elapsed()))
         } else {
             let f = self.failover(start, end)?;
@@ -633,6 +737,15 @@ impl Demo<'_> {
         self.gate.pause();
         let t_parked = Instant::now();
         let epoch = self.sec_side.epoch() + 1;
+        // With a fault, the status comes first (DESIGN: whoever drives
+        // checkpoints checks it before each one): after a forwarding error
+        // the disks differ and no checkpoint may be taken.
+        if self.fault.is_some() && self.fault_check(&format!("before checkpoint {epoch}"))? {
+            if resume {
+                self.gate.resume();
+            }
+            return Ok(());
+        }
         let mut touched = self.pg.state.lock().dirty.clone();
         touched.extend_from_slice(&self.sg.state.lock().dirty);
         touched.sort_unstable();
@@ -745,6 +858,13 @@ impl Demo<'_> {
     /// SIGKILL the primary daemon, fail the secondary over, let its guest
     /// run on, then verify the secondary disk.
     fn failover(&mut self, start: Instant, end: Instant) -> Result<FailoverSummary, DemoError> {
+        if self.fault.is_some() && !self.broken {
+            // A fault hit since the last checkpoint: its outcome, guests parked.
+            self.gate.pause();
+            let r = self.fault_check("before the kill");
+            self.gate.resume();
+            r?;
+        }
         if let Ok(s) = self.pq()?.replication_status(names::PRIMARY_REPLICATION) {
             self.forwarded = s["bytes-forwarded"].as_u64().unwrap_or(self.forwarded);
         }
@@ -760,10 +880,12 @@ impl Demo<'_> {
         self.pq = None;
         // QEMU's COLO-FT.txt secondary failover: stop serving the primary,
         // then x-colo-lost-heartbeat.
-        self.sq()?.run(
-            "nbd-server-remove",
-            json!({"name": names::SECONDARY_DISK, "mode": "hard"}),
-        )?;
+        if !self.link_dropped {
+            self.sq()?.run(
+                "nbd-server-remove",
+                json!({"name": names::SECONDARY_DISK, "mode": "hard"}),
+            )?;
+        }
         let ss = self.sq()?.replication_status(names::SECONDARY_TOP)?;
         self.copied += ss["clusters-copied-since-checkpoint"].as_u64().unwrap_or(0);
         // The secondary guest keeps running through the failover commit.
@@ -774,6 +896,17 @@ impl Demo<'_> {
             let s = self.sq()?.replication_status(names::SECONDARY_TOP)?;
             match s["state"].as_str() {
                 Some("DONE") => break s,
+                // The fault matrix: a write or flush fault on the secondary
+                // disk hitting the commit fails the failover, error reported.
+                Some("FAILOVER_FAILED")
+                    if self
+                        .fault
+                        .as_ref()
+                        .is_some_and(|f| f.kind.on_secondary_disk()) =>
+                {
+                    self.failover_failed = true;
+                    break s;
+                }
                 Some("FAILOVER") if Instant::now() < deadline => {
                     std::thread::sleep(Duration::from_millis(2));
                 }
@@ -787,14 +920,36 @@ impl Demo<'_> {
         };
         let t_done = Instant::now();
         let st = self.sq()?.run("query-xen-replication-status", json!({}))?;
-        if st["error"] != false || status["error"] != false {
+        if self.failover_failed {
+            self.checks += 1;
+            if (status["error"] != true || st["error"] != true) && self.failure_text.is_none() {
+                self.failure_text = Some(format!(
+                    "failover FAILOVER_FAILED without the error reported: {st} {status}"
+                ));
+            }
+            self.fault_outcome = Some(format!(
+                "the failover commit hit it: FAILOVER_FAILED, error reported on the secondary{}",
+                if self.broken {
+                    " (after a replication error on the primary)"
+                } else {
+                    ""
+                }
+            ));
+            self.fault_verified
+                .push("secondary: state FAILOVER_FAILED, error reported (status and query-xen-replication-status)".into());
+        } else if st["error"] != false || status["error"] != false {
             return Err(DemoError::Replication {
                 side: "secondary",
                 reason: format!("error after failover: {st} {status}"),
             });
         }
         self.progress.phase(&format!(
-            "secondary took over in {:.1} ms; its guest runs on",
+            "secondary {} in {:.1} ms; its guest runs on",
+            if self.failover_failed {
+                "failover FAILED (FAILOVER_FAILED, as the fault matrix says)"
+            } else {
+                "took over"
+            },
             (t_done - t_kill).as_secs_f64() * 1e3
         ));
         let until = end.max(t_done + Duration::from_millis(500));
@@ -819,9 +974,11 @@ impl Demo<'_> {
         self.reap_workers(true)?;
         let since = self.sg.stats.writes.load(Ordering::Relaxed) - self.sec_writes_at_checkpoint;
 
-        self.progress.phase(
-            "verifying: secondary disk = last checkpoint + the secondary guest's writes since",
-        );
+        self.progress.phase(if self.failover_failed {
+            "verifying: secondary guest view = last checkpoint + the secondary guest's writes since"
+        } else {
+            "verifying: secondary disk = last checkpoint + the secondary guest's writes since"
+        });
         let want = std::mem::take(&mut self.sg.state.lock().model);
         let r = self.final_checks_failover(&want);
         self.sg.state.lock().model = want;
@@ -852,12 +1009,21 @@ impl Demo<'_> {
         if self.args.corrupt_secondary_for_test {
             self.corrupt_secondary()?;
         }
-        let v = compare_file(
-            &self.files.secondary_disk,
-            want,
-            "after failover: secondary disk vs last checkpoint + secondary guest writes",
-        )?;
-        self.check(v);
+        if self.failover_failed {
+            // The commit stopped part way: the secondary disk is not the
+            // guest's view (that one was checked above).
+            self.fault_verified.push(
+                "secondary guest view = last checkpoint + its writes after the failed failover"
+                    .into(),
+            );
+        } else {
+            let v = compare_file(
+                &self.files.secondary_disk,
+                want,
+                "after failover: secondary disk vs last checkpoint + secondary guest writes",
+            )?;
+            self.check(v);
+        }
         self.check_images()
     }
 
@@ -867,6 +1033,9 @@ impl Demo<'_> {
         self.progress
             .phase("last checkpoint, then xen-set-replication enable=false on both");
         self.checkpoint(false)?;
+        if self.broken {
+            return self.broken_stop();
+        }
         self.pq()?.run(
             "xen-set-replication",
             json!({"enable": false, "primary": true}),
@@ -930,6 +1099,129 @@ impl Demo<'_> {
             "after the stop: secondary disk vs last checkpoint",
         )?;
         self.check(v);
+        self.check_images()
+    }
+
+    /// With a fault armed and guests parked: when the primary reports a
+    /// replication error, checks what the fault matrix promises (primary
+    /// RUNNING with the error, secondary RUNNING and clean; the primary
+    /// disk and view hold every acknowledged write; the secondary guest's
+    /// view is intact) and marks replication broken. True when broken.
+    fn fault_check(&mut self, when: &str) -> Result<bool, DemoError> {
+        if self.broken {
+            return Ok(true);
+        }
+        let ps = self.pq()?.replication_status(names::PRIMARY_REPLICATION)?;
+        if ps["error"] != true {
+            return Ok(false);
+        }
+        self.broken = true;
+        let ss = self.sq()?.replication_status(names::SECONDARY_TOP)?;
+        let f = self.fault.as_ref().map_or("?", |f| f.kind.name());
+        self.fault_outcome = Some(format!(
+            "replication error reported by the primary {when}; no checkpoint after it"
+        ));
+        self.progress.phase(&format!(
+            "fault {f}: the primary reports a replication error {when}; verifying, then no more checkpoints"
+        ));
+        self.checks += 1;
+        if ps["state"] != "RUNNING" || ss["state"] != "RUNNING" || ss["error"] != false {
+            self.failure_text.get_or_insert(format!(
+                "fault {f} {when}: expected primary RUNNING with the error and secondary                  RUNNING without one; primary {ps}, secondary {ss}"
+            ));
+        }
+        self.fault_verified.push(format!(
+            "{when}: primary status error + RUNNING, secondary clean + RUNNING"
+        ));
+        self.verify_sides(when)?;
+        Ok(true)
+    }
+
+    /// Guests parked: the primary disk and the primary guest's view equal
+    /// its model (every acknowledged write), the secondary guest's view
+    /// equals its model (last checkpoint + its own writes).
+    fn verify_sides(&mut self, when: &str) -> Result<(), DemoError> {
+        let pwant = std::mem::take(&mut self.pg.state.lock().model);
+        let r = (|| {
+            Ok::<_, DemoError>([
+                compare_file(
+                    &self.files.primary_disk,
+                    &pwant,
+                    &format!("{when}: primary disk vs every acknowledged primary write"),
+                )?,
+                compare_view(
+                    &self.pg,
+                    &pwant,
+                    None,
+                    &format!("{when}: primary guest view vs its model"),
+                )?,
+            ])
+        })();
+        self.pg.state.lock().model = pwant;
+        for c in r? {
+            self.check(c);
+        }
+        let swant = std::mem::take(&mut self.sg.state.lock().model);
+        let r = compare_view(
+            &self.sg,
+            &swant,
+            None,
+            &format!("{when}: secondary guest view vs last checkpoint + its writes"),
+        );
+        self.sg.state.lock().model = swant;
+        self.check(r?);
+        self.fault_verified.push(format!(
+            "{when}: primary disk and view = every acknowledged write; secondary guest view = last checkpoint + its writes"
+        ));
+        Ok(())
+    }
+
+    /// link-drop: the secondary removes its NBD export (and the primary's
+    /// connection with it), for good.
+    fn drop_link(&mut self) -> Result<(), DemoError> {
+        self.progress
+            .phase("fault link-drop: the secondary removes its NBD export (hard)");
+        self.sq()?.run(
+            "nbd-server-remove",
+            json!({"name": names::SECONDARY_DISK, "mode": "hard"}),
+        )?;
+        self.link_dropped = true;
+        Ok(())
+    }
+
+    /// `--no-kill` after a replication error: guests stopped, both sides
+    /// verified, both daemons quit, the primary disk checked once more.
+    fn broken_stop(&mut self) -> Result<(), DemoError> {
+        self.progress
+            .phase("replication broken by the fault: stopping the guests, verifying both sides");
+        self.gate.pause();
+        let ps = self.pq()?.replication_status(names::PRIMARY_REPLICATION)?;
+        self.checks += 1;
+        if (ps["error"] != true || ps["state"] != "RUNNING") && self.failure_text.is_none() {
+            self.failure_text = Some(format!(
+                "at the end: the primary no longer reports the replication error: {ps}"
+            ));
+        }
+        self.forwarded = ps["bytes-forwarded"].as_u64().unwrap_or(self.forwarded);
+        self.verify_sides("at the end")?;
+        self.gate.stop();
+        self.reap_workers(true)?;
+        self.pg.client.close();
+        self.sg.client.close();
+        if let Some(pq) = self.pq.take() {
+            self.primary.quit(pq)?;
+        }
+        if let Some(sq) = self.sq.take() {
+            self.secondary.quit(sq)?;
+        }
+        let want = std::mem::take(&mut self.pg.state.lock().model);
+        let v = compare_file(
+            &self.files.primary_disk,
+            &want,
+            "after quit: primary disk vs every acknowledged primary write",
+        );
+        self.pg.state.lock().model = want;
+        self.check(v?);
         self.check_images()
     }
 

@@ -4,6 +4,7 @@ use std::time::Duration;
 
 use serde::Serialize;
 
+use super::fault::FaultSummary;
 use super::progress::human;
 
 /// What one guest did.
@@ -116,6 +117,9 @@ pub(crate) struct Summary {
     pub(crate) checkpoint_verify: PauseSummary,
     pub(crate) clusters_copied_before_write: u64,
     pub(crate) failover: Option<FailoverSummary>,
+    /// The injected fault (`--fault`), absent without one.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub(crate) fault: Option<FaultSummary>,
     pub(crate) verification: Verification,
     pub(crate) directory: Option<String>,
 }
@@ -204,10 +208,35 @@ impl Summary {
                         .unwrap_or_default()
                 ),
             ),
+            None if self.fault.as_ref().is_some_and(|f| f.broken) => row(
+                "failover",
+                "none (--no-kill: replication broken by the fault; both daemons quit)".into(),
+            ),
             None => row(
                 "failover",
                 "none (--no-kill: replication stopped cleanly on both)".into(),
             ),
+        }
+        if let Some(f) = &self.fault {
+            row(
+                "fault",
+                format!(
+                    "{}{}{}",
+                    f.kind_name(),
+                    f.errno
+                        .map(|e| format!(" {}", e.name()))
+                        .unwrap_or_default(),
+                    if f.sectors.is_empty() {
+                        String::new()
+                    } else {
+                        format!(" on writes covering sectors {:?}", f.sectors)
+                    }
+                ),
+            );
+            row("fault outcome", f.outcome.clone());
+            for v in &f.verified {
+                row("fault verified", v.clone());
+            }
         }
         let v = &self.verification;
         let verdict = if v.result == "passed" {
@@ -215,12 +244,22 @@ impl Summary {
                 "PASSED ({} checks; every one of {} checkpoints left both disks identical{})",
                 v.checks,
                 v.checkpoints_verified,
-                match &self.failover {
-                    Some(f) => format!(
+                match (&self.failover, &self.fault) {
+                    (Some(f), Some(fs)) if fs.failover_failed => format!(
+                        "; failover failed as the fault matrix says, secondary guest view = \
+                         last checkpoint + {} secondary guest writes",
+                        f.secondary_writes_since_checkpoint
+                    ),
+                    (Some(f), _) => format!(
                         "; secondary disk = last checkpoint + {} secondary guest writes",
                         f.secondary_writes_since_checkpoint
                     ),
-                    None => "; both disks equal the last checkpoint".into(),
+                    (None, Some(fs)) if fs.broken => {
+                        "; primary disk = every acknowledged primary write, \
+                         secondary guest view = last checkpoint + its writes"
+                            .into()
+                    }
+                    (None, _) => "; both disks equal the last checkpoint".into(),
                 }
             )
         } else if let Some(d) = &v.first_difference {
