@@ -24,6 +24,16 @@ const ALLOC_SCAN_LIMIT: u64 = 1 << 20;
 /// discard costs ~340 µs, more than the rest of a small make_empty).
 pub const MAKE_EMPTY_KEEP_TAIL: u64 = 8 << 20;
 
+/// The image file grows in steps (a quarter of its length, at least
+/// `GROW_MIN_CLUSTERS` clusters, at most [`GROW_MAX`] bytes) rather than one
+/// cluster at a time: under block-graph every extension is a truncate of
+/// the `file` node, and a truncate per fresh cluster cut O_DIRECT writes on
+/// ext4 to a fraction (see the README). The zeros past the last cluster
+/// are holes; a clean close and a refcount rebuild cut them off.
+pub const GROW_MIN_CLUSTERS: u64 = 16;
+/// Largest growth step of the image file in bytes (see [`GROW_MIN_CLUSTERS`]).
+pub const GROW_MAX: u64 = 64 << 20;
+
 /// Options for [`Qcow2::create`].
 #[derive(Debug, Clone)]
 pub struct CreateOptions {
@@ -189,8 +199,12 @@ struct Meta {
     header_dirty: bool,
     /// First cluster index past everything allocated (we allocate here when the free set is empty).
     end_cluster: u64,
-    /// Known length of the image file in bytes.
+    /// End of the bytes that may be nonzero: the file length at open, then
+    /// raised by every write (a fresh cluster at or past it reads as zeros).
     file_len: u64,
+    /// Length of the storage as we set it (>= file_len; the bytes between
+    /// are zeros from our own extension).
+    phys_len: u64,
     /// Clusters with refcount 0 below end_cluster whose freeing is durable.
     free: RoaringTreemap,
     /// Clusters to decrement once the metadata dropping them is durable.
@@ -443,6 +457,7 @@ impl<S: Storage> Qcow2<S> {
                 header_dirty: false,
                 end_cluster: end,
                 file_len,
+                phys_len: file_len,
                 free: RoaringTreemap::new(),
                 pending_decref: Vec::new(),
                 dirty_on_disk,
@@ -523,8 +538,43 @@ impl<S: Storage> Qcow2<S> {
     }
 
     fn swrite(&self, m: &mut Meta, buf: &[u8], off: u64, what: &str) -> Result<()> {
+        let end = off + buf.len() as u64;
+        if end > m.phys_len {
+            self.grow_file(m, end)?;
+        }
         self.storage.write_at(buf, off).map_err(io_err(what, off))?;
-        m.file_len = m.file_len.max(off + buf.len() as u64);
+        m.file_len = m.file_len.max(end);
+        Ok(())
+    }
+
+    /// Extend the storage to cover `end`, one growth step at a time (see
+    /// [`GROW_MIN_CLUSTERS`]). The new bytes read as zeros; `file_len` is unchanged.
+    fn grow_file(&self, m: &mut Meta, end: u64) -> Result<()> {
+        // Never cut what a direct data write past our length added.
+        let cur = self.storage.len().map_err(io_err("length", end))?;
+        if cur >= end {
+            m.phys_len = cur;
+            return Ok(());
+        }
+        m.phys_len = m.phys_len.max(cur);
+        let cs = self.cs();
+        let step = (m.phys_len / 4).clamp(GROW_MIN_CLUSTERS * cs, GROW_MAX);
+        let target = end.max(m.phys_len + step).div_ceil(cs) * cs;
+        if self.storage.set_len(target).is_err() {
+            // A storage with a size limit may refuse the step, not the need.
+            self.storage.set_len(end).map_err(io_err("extend", end))?;
+            m.phys_len = end;
+        } else {
+            m.phys_len = target;
+        }
+        Ok(())
+    }
+
+    /// Cut the storage to `len` bytes (nothing live lies past it).
+    fn shrink_file(&self, m: &mut Meta, len: u64) -> Result<()> {
+        self.storage.set_len(len).map_err(io_err("truncate", len))?;
+        m.phys_len = len;
+        m.file_len = m.file_len.min(len);
         Ok(())
     }
 
@@ -991,6 +1041,18 @@ impl<S: Storage> Qcow2<S> {
         }
         let mut m = self.meta.lock();
         self.flush_locked(&mut m, true)?;
+        // The file ends at its last cluster in use: cut the growth step's
+        // zeros and free clusters at the end (refcounts are exact and
+        // durable after the flush above, nothing references them).
+        let mut last = m.end_cluster;
+        while last > 1 && m.free.contains(last - 1) && self.rc_get(&mut m, last - 1)? == 0 {
+            last -= 1;
+        }
+        if m.phys_len > last << self.cluster_bits {
+            self.shrink_file(&mut m, last << self.cluster_bits)?;
+            m.free.remove_range(last..);
+            m.end_cluster = last;
+        }
         if m.dirty_on_disk || m.h.incompatible & header::INCOMPAT_DIRTY != 0 {
             self.clear_dirty(&mut m)?;
         }
@@ -1197,12 +1259,10 @@ impl<S: Storage> Qcow2<S> {
                 // already. Extend the file over the whole cluster so that
                 // the file's own block status sees no end inside it.
                 self.swrite(m, chunk, target + in_cl, "data write")?;
-                if m.file_len < target + cs {
-                    self.storage
-                        .set_len(target + cs)
-                        .map_err(io_err("extend", target + cs))?;
-                    m.file_len = target + cs;
+                if m.phys_len < target + cs {
+                    self.grow_file(m, target + cs)?;
                 }
+                m.file_len = m.file_len.max(target + cs);
             }
         }
         self.l2_set(m, l2_off, cl % self.l2_entries(), target | COPIED)?;
@@ -1308,8 +1368,13 @@ impl<S: Storage> Qcow2<S> {
     // ---------------------------------------------------------------- make_empty / grow
 
     /// Drop every allocation: the image then reads from its backing (or as
-    /// zeros) everywhere. Costs O(allocated L2 tables and clusters), and
-    /// truncates the file (or punches holes) so it stays small.
+    /// zeros) everywhere. No L2 table is read: the clusters to free are those
+    /// with a nonzero refcount that are not header, L1 or refcount metadata
+    /// (a writable image has no internal snapshots, so once the L1 entries
+    /// are cleared nothing else references them). Costs O(allocated L2
+    /// tables) writes plus a scan of the refcounts of the file's clusters
+    /// (runs of zeros skipped 4 entries at a time), and truncates the file
+    /// (or punches holes) so it stays small.
     pub fn make_empty(&self) -> Result<()> {
         self.check_writable()?;
         let mut m = self.meta.lock();
@@ -1320,32 +1385,6 @@ impl<S: Storage> Qcow2<S> {
         }
         self.ensure_dirty(&mut m)?;
         let used: Vec<u32> = m.l1_used.iter().collect();
-        let mut drop_clusters: Vec<u64> = Vec::new();
-        let mut visited: HashSet<u64> = HashSet::new();
-        for &i in &used {
-            let Some(l2_off) = self.l1_decode(&m, i as u64)? else {
-                continue;
-            };
-            if !visited.insert(l2_off) {
-                continue;
-            }
-            self.l2_load(&mut m, l2_off)?;
-            let data =
-                m.l2.remove(l2_off)
-                    .map(|e| e.data)
-                    .ok_or_else(|| corrupt("L2 cache miss"))?;
-            for c in data.chunks_exact(8) {
-                let e = u64::from_be_bytes([c[0], c[1], c[2], c[3], c[4], c[5], c[6], c[7]]);
-                if e == 0 {
-                    continue;
-                }
-                let off = e & OFFSET_MASK;
-                if e & COMPRESSED == 0 && off != 0 {
-                    drop_clusters.push(off >> self.cluster_bits);
-                }
-            }
-            drop_clusters.push(l2_off >> self.cluster_bits);
-        }
         // 1. No references left once the L1 entries are cleared (durably).
         for &i in &used {
             m.l1[i as usize] = 0;
@@ -1355,19 +1394,13 @@ impl<S: Storage> Qcow2<S> {
         m.l1_used.clear();
         m.l1_dirty = false;
         self.sflush()?;
+        // Every cached L2 table is clean (flushed above) and now unreferenced.
+        m.l2.clear();
         // 2. Then their refcounts, in the cache: they reach the disk at the
         // next flush (the dirty bit covers a crash before that). The flush
         // above already made the freeing durable, so the clusters may be reused.
-        let mut freed = Vec::new();
-        for c in drop_clusters {
-            let rc = self.rc_get(&mut m, c)?;
-            if rc > 0 {
-                self.rc_set(&mut m, c, rc - 1)?;
-                if rc == 1 {
-                    freed.push(c);
-                }
-            }
-        }
+        let keep = self.metadata_clusters(&m)?;
+        let freed = self.drop_refcounts_except(&mut m, &keep)?;
         // 3. Shrink the file to the metadata left, punch holes below it.
         let cs = self.cs();
         let mut keep_end = 1u64;
@@ -1398,15 +1431,72 @@ impl<S: Storage> Qcow2<S> {
             m.free.insert_range(keep_end..cur_end);
         } else if cur_end > keep_end {
             m.free.remove_range(keep_end..);
-            self.storage
-                .set_len(keep_end << self.cluster_bits)
-                .map_err(io_err("truncate", keep_end << self.cluster_bits))?;
-            m.file_len = keep_end << self.cluster_bits;
+            self.shrink_file(&mut m, keep_end << self.cluster_bits)?;
             m.end_cluster = keep_end;
         }
         // No flush needed for the truncation and holes: nothing references
         // those clusters any more, and the next flush makes them durable.
         Ok(())
+    }
+
+    /// The clusters of the header, the L1 table, the refcount table and
+    /// the refcount blocks.
+    fn metadata_clusters(&self, m: &Meta) -> Result<RoaringTreemap> {
+        let cs = self.cs();
+        let mut keep = RoaringTreemap::new();
+        keep.insert(0);
+        let l1 = m.h.l1_table_offset >> self.cluster_bits;
+        let l1c = (m.l1.len() as u64 * 8).div_ceil(cs);
+        keep.insert_range(l1..l1 + l1c);
+        let rt = m.h.refcount_table_offset >> self.cluster_bits;
+        keep.insert_range(rt..rt + m.h.refcount_table_clusters as u64);
+        for rti in 0..m.rt.len() as u64 {
+            if let Some(b) = self.rt_block(m, rti)? {
+                keep.insert(b >> self.cluster_bits);
+            }
+        }
+        Ok(keep)
+    }
+
+    /// Set the refcount of every cluster below `end_cluster` that is not in
+    /// `keep` to 0; returns the clusters whose refcount was nonzero.
+    fn drop_refcounts_except(&self, m: &mut Meta, keep: &RoaringTreemap) -> Result<Vec<u64>> {
+        let per = self.rb_entries();
+        let end = m.end_cluster;
+        let mut freed = Vec::new();
+        for rti in 0..m.rt.len() as u64 {
+            let first = rti * per;
+            if first >= end {
+                break;
+            }
+            let Some(b) = self.rt_block(m, rti)? else {
+                continue;
+            };
+            self.rb_load(m, b)?;
+            let e = m.rb.get(b).ok_or_else(|| corrupt("refcount cache miss"))?;
+            let n = (end - first).min(per) as usize;
+            let mut changed = false;
+            // 8 bytes = 4 refcounts at a time; most words are zero.
+            for (w, word) in e.data[..n.div_ceil(4) * 8].chunks_exact_mut(8).enumerate() {
+                if word == [0u8; 8] {
+                    continue;
+                }
+                for k in 0..4 {
+                    let idx = w * 4 + k;
+                    let c = first + idx as u64;
+                    if idx >= n || word[k * 2..k * 2 + 2] == [0, 0] || keep.contains(c) {
+                        continue;
+                    }
+                    word[k * 2..k * 2 + 2].copy_from_slice(&[0, 0]);
+                    freed.push(c);
+                    changed = true;
+                }
+            }
+            if changed {
+                e.dirty = true;
+            }
+        }
+        Ok(freed)
     }
 
     /// Record a new backing file name and format in the header (or none),
@@ -1521,10 +1611,10 @@ impl<S: Storage> Qcow2<S> {
             self.l2_set(&mut m, l2_off, cl % self.l2_entries(), h | COPIED | ZERO)?;
         }
         let end = m.end_cluster << self.cluster_bits;
-        if m.file_len < end {
-            self.storage.set_len(end).map_err(io_err("extend", end))?;
-            m.file_len = end;
+        if m.phys_len < end {
+            self.grow_file(&mut m, end)?;
         }
+        m.file_len = m.file_len.max(end);
         self.flush_locked(&mut m, true)
     }
 
@@ -1823,11 +1913,8 @@ impl<S: Storage> Qcow2<S> {
         self.write_header(m)?;
         self.sflush()?;
         let total_bytes = total << self.cluster_bits;
-        if m.file_len > total_bytes {
-            self.storage
-                .set_len(total_bytes)
-                .map_err(io_err("truncate", total_bytes))?;
-            m.file_len = total_bytes;
+        if m.phys_len > total_bytes {
+            self.shrink_file(m, total_bytes)?;
             self.sflush()?;
         }
         m.rt = rt;

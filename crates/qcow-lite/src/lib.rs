@@ -38,10 +38,16 @@
 //!   after the metadata that freed it is durable.
 //! * [`Qcow2::make_empty`] clears the L1 entries and flushes once (the freed
 //!   clusters may then be reused); the refcount decrements reach the disk at
-//!   the next flush. It visits only the allocated L2 tables (a roaring bitmap
-//!   of L1 indexes), and truncates the file when more than
-//!   [`MAKE_EMPTY_KEEP_TAIL`] bytes would be cut (smaller tails stay as free
-//!   clusters).
+//!   the next flush. It clears only the allocated L1 entries (a roaring
+//!   bitmap of L1 indexes) and reads no L2 table: every cluster with a
+//!   nonzero refcount that is not header, L1 or refcount metadata is freed
+//!   (a writable image has no internal snapshots). It truncates the file
+//!   when more than [`MAKE_EMPTY_KEEP_TAIL`] bytes would be cut (smaller
+//!   tails stay as free clusters).
+//! * The file grows in steps ([`GROW_MIN_CLUSTERS`], [`GROW_MAX`]); the
+//!   engine keeps the end of what it wrote apart from the file length (the
+//!   bytes between are zeros), and a clean close or a refcount rebuild cuts
+//!   the file back to its last cluster.
 //!
 //! ## Metadata I/O
 //! L2 tables and refcount blocks sit in bounded write-back caches
@@ -76,6 +82,6 @@ pub use driver::{register, Qcow2Driver};
 pub use error::{Error, ErrorKind, Result};
 pub use image::{
     BackingRead, Chain, CheckReport, CreateOptions, Mapping, OpenOptions, Preallocation, Qcow2,
-    RawBacking, MAKE_EMPTY_KEEP_TAIL,
+    RawBacking, GROW_MAX, GROW_MIN_CLUSTERS, MAKE_EMPTY_KEEP_TAIL,
 };
 pub use storage::{CrashStorage, MemStorage, Rng, Storage};

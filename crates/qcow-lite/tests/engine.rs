@@ -442,3 +442,179 @@ fn set_backing_file_is_crash_safe() {
     }
     assert!(seen_new > 0);
 }
+
+/// A storage that counts `set_len` calls (truncates and extensions).
+struct CountingStorage {
+    inner: MemStorage,
+    set_lens: std::sync::atomic::AtomicU64,
+}
+
+impl Storage for CountingStorage {
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> std::io::Result<()> {
+        self.inner.read_at(buf, offset)
+    }
+    fn write_at(&self, buf: &[u8], offset: u64) -> std::io::Result<()> {
+        self.inner.write_at(buf, offset)
+    }
+    fn flush(&self) -> std::io::Result<()> {
+        self.inner.flush()
+    }
+    fn len(&self) -> std::io::Result<u64> {
+        self.inner.len()
+    }
+    fn set_len(&self, len: u64) -> std::io::Result<()> {
+        self.set_lens
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        self.inner.set_len(len)
+    }
+}
+
+#[test]
+fn fresh_clusters_grow_the_file_in_steps_and_close_cuts_the_tail() {
+    let st = Arc::new(CountingStorage {
+        inner: MemStorage::new(),
+        set_lens: Default::default(),
+    });
+    let cs = 65536u64;
+    let img = Qcow2::create(
+        st.clone(),
+        &CreateOptions {
+            size: 64 << 20,
+            cluster_size: cs,
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    let count = || st.set_lens.load(std::sync::atomic::Ordering::Relaxed);
+    let before = count();
+    // 512 fresh clusters, full and partial writes (the partial ones once
+    // needed one extension each).
+    for i in 0..512u64 {
+        let len = if i % 2 == 0 { cs } else { 4096 };
+        img.write(i * cs, &pattern(i * cs, len, 7), None).unwrap();
+    }
+    let grows = count() - before;
+    assert!(
+        grows <= 16,
+        "{grows} set_len calls for 512 fresh clusters (one per cluster before the fix)"
+    );
+    img.flush().unwrap();
+    // Before close: the file may end in zeros past the last cluster; our
+    // check must call that clean (no leak), as qemu-img check does.
+    let r = img.check().unwrap();
+    assert!(r.is_clean(), "{:?}", r.messages);
+    let end = r.image_end_offset;
+    assert!(st.len().unwrap() >= end);
+    img.close().unwrap();
+    assert_eq!(
+        st.len().unwrap(),
+        end,
+        "close cuts the file at its last cluster"
+    );
+    for i in [0u64, 1, 2, 511] {
+        let len = if i % 2 == 0 { cs } else { 4096 };
+        let mut b = vec![0u8; cs as usize];
+        img.read(i * cs, &mut b, None).unwrap();
+        assert_eq!(&b[..len as usize], &pattern(i * cs, len, 7)[..]);
+        assert!(
+            b[len as usize..].iter().all(|&x| x == 0),
+            "cluster {i} tail"
+        );
+    }
+}
+
+#[test]
+fn a_file_left_longer_by_a_growth_step_is_clean_for_qemu_and_for_us() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = dir.path().join("grown.qcow2");
+    let cs = 65536u64;
+    let img = Qcow2::create(
+        file(&p),
+        &CreateOptions {
+            size: 64 << 20,
+            cluster_size: cs,
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    for i in 0..40u64 {
+        img.write(i * cs, &pattern(i * cs, cs, 3), None).unwrap();
+    }
+    img.flush().unwrap();
+    // As after a power loss: no close, the step's zeros are still there.
+    let copy = dir.path().join("copy.qcow2");
+    std::fs::copy(&p, &copy).unwrap();
+    let ours = img.check().unwrap();
+    let copy_len = std::fs::metadata(&copy).unwrap().len();
+    assert!(
+        copy_len > ours.image_end_offset,
+        "the test needs a file longer than its last cluster ({copy_len} vs {})",
+        ours.image_end_offset
+    );
+    // The copy is marked dirty (not closed): qemu-img check repairs nothing
+    // with -r none, and reports no leak or error.
+    assert_qemu_check_clean(&copy);
+    let reopened = Qcow2::open(file(&copy), false).unwrap();
+    let r = reopened.check().unwrap();
+    assert!(r.is_clean(), "{:?}", r.messages);
+    reopened.close().unwrap();
+    assert_eq!(
+        std::fs::metadata(&copy).unwrap().len(),
+        r.image_end_offset,
+        "the repair on open and the close cut the tail"
+    );
+    assert_qemu_check_clean(&copy);
+    let mut b = vec![0u8; cs as usize];
+    reopened.read(39 * cs, &mut b, None).unwrap();
+    assert_eq!(b, pattern(39 * cs, cs, 3));
+    img.close().unwrap();
+    assert_qemu_check_clean(&p);
+}
+
+#[test]
+fn make_empty_frees_tables_outside_the_cache_and_leaves_a_clean_image() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = dir.path().join("me.qcow2");
+    let cs = 65536u64;
+    let size = 1u64 << 40;
+    Qcow2::create(
+        file(&p),
+        &CreateOptions {
+            size,
+            cluster_size: cs,
+            ..Default::default()
+        },
+    )
+    .unwrap()
+    .close()
+    .unwrap();
+    let img = Qcow2::open_with(
+        file(&p),
+        OpenOptions {
+            l2_cache_tables: 2,
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    let empty_len = std::fs::metadata(&p).unwrap().len();
+    for round in 0..3u8 {
+        for i in 0..10u64 {
+            let off = size / 10 * i / cs * cs;
+            img.write(off, &pattern(off, 3 * cs, round), None).unwrap();
+        }
+        img.flush().unwrap();
+        img.make_empty().unwrap();
+        let r = img.check().unwrap();
+        assert!(r.is_clean(), "round {round}: {:?}", r.messages);
+        assert_eq!(img.allocated_l2_tables(), 0);
+        for i in 0..10u64 {
+            let off = size / 10 * i / cs * cs;
+            let mut b = vec![1u8; 3 * cs as usize];
+            img.read(off, &mut b, None).unwrap();
+            assert!(b.iter().all(|&x| x == 0), "round {round} cluster {i}");
+        }
+    }
+    img.close().unwrap();
+    assert_eq!(std::fs::metadata(&p).unwrap().len(), empty_len);
+    assert_qemu_check_clean(&p);
+}
