@@ -202,7 +202,11 @@ impl Shared {
             node_name: self.name.clone(),
             mode: self.mode,
             state: self.state(),
-            error: self.error.lock().clone(),
+            // What get_error reports: a recorded error, else invalid buffers.
+            error: self.error.lock().clone().or_else(|| {
+                self.buffers_invalid()
+                    .map(|r| format!("secondary buffers invalid: {r}"))
+            }),
             bytes_forwarded,
             forward_errors: self.forward_errors.load(Ordering::Relaxed),
             clusters_copied_since_checkpoint: run
@@ -650,7 +654,17 @@ impl Shared {
                 let run = self
                     .running()
                     .ok_or_else(|| self.err(ErrorKind::NotRunning, "no running state"))?;
-                self.secondary_checkpoint(&run)?;
+                if let Err(e) = self.secondary_checkpoint(&run) {
+                    if e.kind() == ErrorKind::BuffersInvalid {
+                        // The copy state was reset: this checkpoint's state
+                        // is established (a failover yields it), only the
+                        // buffers could not be emptied. The epoch stays in
+                        // step with the primary's, so the pair can go on
+                        // once a later checkpoint empties them.
+                        self.epoch.fetch_add(1, Ordering::AcqRel);
+                    }
+                    return Err(e);
+                }
             }
         }
         self.epoch.fetch_add(1, Ordering::AcqRel);

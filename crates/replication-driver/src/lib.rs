@@ -85,8 +85,12 @@
 //!   - The checkpoint resets the backup job's copy state, then tries to empty
 //!     both the active and the hidden disk (both are always tried). If either
 //!     fails, it returns an error of kind [`ErrorKind::BuffersInvalid`]
-//!     naming the disk, the epoch does not advance, and the filter marks its
-//!     buffers invalid: [`ReplicationStatus::buffers_invalid`] and
+//!     naming the disk, and the filter marks its buffers invalid. The
+//!     checkpoint epoch still advances (the checkpoint's state is
+//!     established: a failover yields it), so it stays in step with the
+//!     primary's and the checkpoint stream of the next checkpoint loads (a
+//!     reset that fails because the backup job is gone is not counted).
+//!     [`ReplicationStatus::buffers_invalid`] and
 //!     [`Replication::buffers_invalid`] say why, `get_error` reports it, the
 //!     state stays RUNNING, and secondary guest reads and writes through the
 //!     top fail with EIO (never wrong data; flush passes).

@@ -114,10 +114,16 @@ fn assert_failed_checkpoint(s: &Secondary, disk: &str) {
     assert_eq!(e.kind(), ErrorKind::BuffersInvalid, "{e}");
     assert!(e.to_string().contains(&format!("disk '{disk}'")), "{e}");
     assert_eq!(s.repl.state(), ReplicationState::Running);
-    assert_eq!(s.repl.status().checkpoint_epoch, 0);
+    // The checkpoint's state is established (the epoch advances with the
+    // primary's); only the buffers could not be emptied.
+    assert_eq!(s.repl.status().checkpoint_epoch, 1);
     let why = s.repl.buffers_invalid().expect("buffers marked invalid");
     assert!(why.contains(disk), "{why}");
-    assert_eq!(s.repl.status().buffers_invalid, Some(why));
+    assert_eq!(s.repl.status().buffers_invalid, Some(why.clone()));
+    assert_eq!(
+        s.repl.status().error,
+        Some(format!("secondary buffers invalid: {why}"))
+    );
     let e = s.repl.get_error().unwrap_err();
     assert_eq!(e.kind(), ErrorKind::BuffersInvalid, "{e}");
     let mut b = vec![0u8; 4096];
@@ -151,10 +157,12 @@ fn forward_after_failed_checkpoint(s: &Secondary) {
 }
 
 fn retry_succeeds(s: &Secondary) {
+    let before = s.repl.status().checkpoint_epoch;
     s.repl.checkpoint().unwrap();
     assert_eq!(s.repl.buffers_invalid(), None);
     s.repl.get_error().unwrap();
-    assert_eq!(s.repl.status().checkpoint_epoch, 1);
+    assert_eq!(s.repl.status().error, None);
+    assert_eq!(s.repl.status().checkpoint_epoch, before + 1);
     // The view is exactly the secondary disk (all forwarded writes).
     expect_secondary_disk(&s.stack.secondary, true);
     expect_secondary_disk(&s.stack.filter, true);
@@ -307,4 +315,41 @@ fn backup_job_gone_refuses_failover_and_guest_io() {
     assert_eq!(s.repl.state(), ReplicationState::Done);
     expect(&s.stack.filter, 0, 8 * MIB, 0x11);
     expect(&s.stack.filter, 8 * MIB, 4 * MIB, 0x22);
+}
+
+#[test]
+fn failed_checkpoint_keeps_the_epoch_in_step_with_the_primary() {
+    let s = started();
+    let (pg, pr, ps) = graph();
+    pg.add_node(&json!({"driver": "memory", "node-name": "remote", "size": DISK}))
+        .unwrap();
+    let pf = pg
+        .add_node(&json!({"driver": "replication", "node-name": "prim0", "mode": "primary", "file": "remote"}))
+        .unwrap();
+    let prim = Replication::of(&pf).unwrap();
+    pr.start_all(ReplicationMode::Primary).unwrap();
+    let ship = || {
+        let mut stream = Vec::new();
+        ps.save(&mut stream).unwrap();
+        s.states.load(&mut stream.as_slice()).unwrap();
+    };
+    let h = bd(&s, "sec0-hidden-file");
+    ship();
+    pr.checkpoint_all().unwrap();
+    inject(&h, IoMask::WRITE);
+    assert_eq!(
+        s.repl.checkpoint().unwrap_err().kind(),
+        ErrorKind::BuffersInvalid
+    );
+    assert_eq!(prim.status().checkpoint_epoch, 1);
+    assert_eq!(s.repl.status().checkpoint_epoch, 1);
+    clear(&h);
+    // The next checkpoint of the pair: the stream loads, the retry clears.
+    ship();
+    pr.checkpoint_all().unwrap();
+    s.repl.checkpoint().unwrap();
+    assert_eq!(s.repl.buffers_invalid(), None);
+    assert_eq!(prim.status().checkpoint_epoch, 2);
+    assert_eq!(s.repl.status().checkpoint_epoch, 2);
+    ship();
 }
