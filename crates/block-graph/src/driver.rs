@@ -213,6 +213,14 @@ pub trait Driver: AsAny + Send + Sync + 'static {
         Ok(())
     }
 
+    /// Hands metadata this driver caches in process memory to its children,
+    /// without asking for durability (see [`Node::write_back`]). The node
+    /// then does the same for every child. Default: nothing cached, nothing to do.
+    fn write_back(&self, node: &Node) -> Result<()> {
+        let _ = node;
+        Ok(())
+    }
+
     /// Discards a range (afterwards it reads as zeros). Default: not supported.
     fn discard(&self, node: &Node, offset: u64, len: u64) -> Result<()> {
         let _ = (offset, len);

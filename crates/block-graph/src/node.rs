@@ -778,6 +778,26 @@ impl Node {
         self.finish(r, "flush", 0, 0)
     }
 
+    /// Hands every write this node and its subtree hold in process memory
+    /// (a format's metadata caches) to the layers below, down to the
+    /// operating system, without making anything durable: afterwards a kill
+    /// of this process loses nothing, a power loss still may (that is what
+    /// [`Node::flush`] is for, and what this skips: syncing data). Children
+    /// shared by several parents are written back once per path.
+    pub fn write_back(&self) -> Result<()> {
+        if self.is_removed() {
+            return Err(self.removed_error("write_back"));
+        }
+        let r = self
+            .begin(0, 0, false)
+            .and_then(|_g| self.driver.write_back(self));
+        self.finish(r, "write_back", 0, 0)?;
+        for (_, child) in self.children() {
+            child.write_back()?;
+        }
+        Ok(())
+    }
+
     /// Discards a range; afterwards it reads as zeros. Unaligned edges are zeroed
     /// with writes. With the node option `discard: "ignore"` this does nothing.
     pub fn discard(&self, offset: u64, len: u64) -> Result<()> {

@@ -293,6 +293,12 @@ impl Driver for Qcow2Driver {
         self.enter(node)?.flush().map_err(|e| conv(e, node.name()))
     }
 
+    fn write_back(&self, node: &Node) -> Result<()> {
+        self.enter(node)?
+            .write_back()
+            .map_err(|e| conv(e, node.name()))
+    }
+
     /// block-graph's discard must read back as zeros afterwards (partial
     /// clusters included, and with a backing given only as a node), so it is
     /// an unmapping zero write here.

@@ -919,6 +919,12 @@ impl<S: Storage> Qcow2<S> {
     }
 
     fn write_refcounts(&self, m: &mut Meta) -> Result<()> {
+        self.write_refcounts_with(m, true)
+    }
+
+    /// Refcount blocks, then the table, then the header; with `sync`, a
+    /// storage flush after each step that wrote something.
+    fn write_refcounts_with(&self, m: &mut Meta, sync: bool) -> Result<()> {
         let mut wrote = false;
         for o in m.rb.dirty_offsets() {
             let data = match m.rb.get(o) {
@@ -941,12 +947,14 @@ impl<S: Storage> Qcow2<S> {
             m.rt_dirty = false;
             wrote = true;
         }
-        if wrote {
+        if wrote && sync {
             self.sflush()?;
         }
         if m.header_dirty {
             self.write_header(m)?;
-            self.sflush()?;
+            if sync {
+                self.sflush()?;
+            }
         }
         Ok(())
     }
@@ -1021,6 +1029,46 @@ impl<S: Storage> Qcow2<S> {
         let off = m.h.l1_table_offset;
         self.swrite(m, &b, off, "L1 table write")?;
         m.l1_dirty = false;
+        Ok(())
+    }
+
+    /// Hand every metadata change held in this process's caches (refcounts,
+    /// L2 and L1 tables, header) to the storage, in the flush's order but
+    /// without asking the storage to make anything durable.
+    ///
+    /// What it buys: once it returns, a kill of this process loses nothing
+    /// (the operating system holds the bytes), at the cost of writing tables,
+    /// not of syncing data. What it does not: power-loss safety. Until the
+    /// next [`Qcow2::flush`], a power loss may keep a table that points at a
+    /// cluster whose data did not reach the disk; the structure stays valid
+    /// (the dirty bit is set, so the next open rebuilds the refcounts) but
+    /// such a cluster may read stale bytes. Use it where that is acceptable:
+    /// replication's active and hidden disks before a failover commit, whose
+    /// contents do not survive a power loss of the secondary anyway.
+    /// Clusters freed since the last flush stay unavailable until a flush.
+    pub fn write_back(&self) -> Result<()> {
+        if self.read_only {
+            return Ok(());
+        }
+        let mut m = self.meta.lock();
+        if !(m.l1_dirty || m.rt_dirty || m.header_dirty || m.l2.has_dirty() || m.rb.has_dirty()) {
+            return Ok(());
+        }
+        self.ensure_dirty(&mut m)?;
+        self.write_refcounts_with(&mut m, false)?;
+        for off in m.l2.dirty_offsets() {
+            let data = match m.l2.get(off) {
+                Some(e) => {
+                    e.dirty = false;
+                    e.data.clone()
+                }
+                None => continue,
+            };
+            self.swrite(&mut m, &data, off, "L2 table write")?;
+        }
+        if m.l1_dirty {
+            self.write_l1(&mut m)?;
+        }
         Ok(())
     }
 

@@ -916,14 +916,19 @@ impl Shared {
         let t0 = Instant::now();
         // The copy-before-write copies in the hidden disk and the guest's
         // writes in the active disk may still sit in a format's metadata
-        // cache. Make them durable before the commit starts rewriting the
-        // secondary disk, so that a crash during the commit leaves a chain
-        // that still reads as the guest's view and re-running it recovers.
-        // Best effort: a failed flush does not stop the failover (the commit
-        // reads the same data and reports its own errors); keeping the guest
-        // running matters more than crash-recoverability of this one commit.
-        let _ = run.hidden.flush();
-        let _ = run.active.flush();
+        // cache. Hand them to the operating system before the commit starts
+        // rewriting the secondary disk, so that a kill of this process
+        // during the commit leaves a chain that still reads as the guest's
+        // view and re-running the commit recovers. A write-back, not a
+        // flush: syncing the buffered data first would write it to the disk
+        // twice (measured: 0.6 of dd's copy rate instead of 1.0 for 64 MiB),
+        // and the active and hidden disks' contents do not survive a power
+        // loss of the secondary in any phase (forwarded writes are not
+        // ordered against their copy-before-write copies by a flush either).
+        // Best effort: a failure does not stop the failover (the commit reads
+        // the same data and reports its own errors).
+        let _ = run.hidden.write_back();
+        let _ = run.active.write_back();
         let commit = MirrorJob::start_active_commit(
             &self.jobs,
             &graph,
