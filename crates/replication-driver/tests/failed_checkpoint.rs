@@ -17,78 +17,22 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use block_graph::drivers::blkdebug::{BlkDebug, InjectRule, IoMask};
-use block_graph::{Graph, NodeRef, PermPair, WriteFlags};
+use block_graph::{NodeRef, WriteFlags};
 use common::*;
 use replication_core::ReplicationMode;
-use replication_driver::{
-    build_secondary_stack, ErrorKind, Replication, ReplicationState, SecondaryStackOptions,
-};
-use serde_json::{json, Value};
-
-/// A qcow2 image (no backing) whose file is blkdebug (`{name}-file`) over
-/// memory.
-fn qcow2_over_blkdebug(graph: &Graph, name: &str) -> Value {
-    let img = qcow_lite::Qcow2::create(
-        qcow_lite::storage::MemStorage::new(),
-        &qcow_lite::CreateOptions {
-            size: DISK,
-            ..Default::default()
-        },
-    )
-    .unwrap();
-    img.close().unwrap();
-    let bytes = img.storage().to_vec();
-    let mem = graph
-        .add_node(
-            &json!({"driver": "memory", "node-name": format!("{name}-mem"), "size": bytes.len()}),
-        )
-        .unwrap();
-    mem.write(0, &bytes, WriteFlags::default()).unwrap();
-    graph
-        .add_node(
-            &json!({"driver": "blkdebug", "node-name": format!("{name}-file"),
-                          "image": format!("{name}-mem")}),
-        )
-        .unwrap();
-    json!({"driver": "qcow2", "node-name": name, "file": format!("{name}-file")})
-}
+use replication_driver::{ErrorKind, Replication, ReplicationState};
+use serde_json::json;
 
 /// Started secondary with qcow2 active ("sec0-active") and hidden
 /// ("sec0-hidden") disks over blkdebug files, and the first epoch's data.
 fn started() -> Secondary {
-    let (graph, registry, states) = graph();
-    qcow_lite::register(&graph);
-    let disk = secondary_disk(&graph, DISK, false);
-    fill(&disk, 0, DISK, 0x11);
-    let export = graph
-        .new_backend_named("nbd-export", &disk, PermPair::READ_WRITE)
-        .unwrap();
-    let opts = SecondaryStackOptions {
-        filter_name: "sec0".into(),
-        top_id: None,
-        secondary_disk: "secondary-disk".into(),
-        hidden: qcow2_over_blkdebug(&graph, "sec0-hidden"),
-        active: qcow2_over_blkdebug(&graph, "sec0-active"),
-    };
-    let stack = build_secondary_stack(&graph, &opts).unwrap();
-    let guest = graph
-        .new_backend_named("guest", &stack.filter, PermPair::READ_WRITE)
-        .unwrap();
-    let repl = Replication::of(&stack.filter).unwrap();
-    registry.start_all(ReplicationMode::Secondary).unwrap();
-    bwrite(&guest, 0, 4 * MIB, 0x33);
-    bwrite(&export, 8 * MIB, 4 * MIB, 0x22);
-    expect(&stack.filter, 0, 4 * MIB, 0x33);
-    expect(&stack.filter, 8 * MIB, 4 * MIB, 0x11);
-    Secondary {
-        graph,
-        registry,
-        states,
-        stack,
-        export,
-        guest,
-        repl,
-    }
+    let s = secondary_qcow2_blkdebug(DISK);
+    s.registry.start_all(ReplicationMode::Secondary).unwrap();
+    bwrite(&s.guest, 0, 4 * MIB, 0x33);
+    bwrite(&s.export, 8 * MIB, 4 * MIB, 0x22);
+    expect(&s.stack.filter, 0, 4 * MIB, 0x33);
+    expect(&s.stack.filter, 8 * MIB, 4 * MIB, 0x11);
+    s
 }
 
 fn bd(s: &Secondary, file: &str) -> Arc<block_graph::Node> {

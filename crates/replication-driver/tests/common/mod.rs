@@ -176,3 +176,66 @@ pub fn secondary_qcow2(size: u64, blkdebug: bool) -> Secondary {
 pub fn secondary() -> Secondary {
     secondary_with(DISK, false, None)
 }
+
+/// A qcow2 image (no backing) whose file is blkdebug (`{name}-file`) over
+/// memory.
+pub fn qcow2_over_blkdebug(graph: &Graph, name: &str, size: u64) -> Value {
+    let img = qcow_lite::Qcow2::create(
+        qcow_lite::storage::MemStorage::new(),
+        &qcow_lite::CreateOptions {
+            size,
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    img.close().unwrap();
+    let bytes = img.storage().to_vec();
+    let mem = graph
+        .add_node(
+            &json!({"driver": "memory", "node-name": format!("{name}-mem"), "size": bytes.len()}),
+        )
+        .unwrap();
+    mem.write(0, &bytes, WriteFlags::default()).unwrap();
+    graph
+        .add_node(
+            &json!({"driver": "blkdebug", "node-name": format!("{name}-file"),
+                          "image": format!("{name}-mem")}),
+        )
+        .unwrap();
+    json!({"driver": "qcow2", "node-name": name, "file": format!("{name}-file")})
+}
+
+/// The secondary setup (not started) with qcow2 active ("sec0-active") and
+/// hidden ("sec0-hidden") disks whose image files are blkdebug nodes
+/// ("sec0-active-file", "sec0-hidden-file") over memory, over a memory
+/// secondary disk filled with 0x11.
+pub fn secondary_qcow2_blkdebug(size: u64) -> Secondary {
+    let (graph, registry, states) = graph();
+    qcow_lite::register(&graph);
+    let disk = secondary_disk(&graph, size, false);
+    fill(&disk, 0, size, 0x11);
+    let export = graph
+        .new_backend_named("nbd-export", &disk, PermPair::READ_WRITE)
+        .unwrap();
+    let opts = SecondaryStackOptions {
+        filter_name: "sec0".into(),
+        top_id: None,
+        secondary_disk: "secondary-disk".into(),
+        hidden: qcow2_over_blkdebug(&graph, "sec0-hidden", size),
+        active: qcow2_over_blkdebug(&graph, "sec0-active", size),
+    };
+    let stack = build_secondary_stack(&graph, &opts).unwrap();
+    let guest = graph
+        .new_backend_named("guest", &stack.filter, PermPair::READ_WRITE)
+        .unwrap();
+    let repl = Replication::of(&stack.filter).unwrap();
+    Secondary {
+        graph,
+        registry,
+        states,
+        stack,
+        export,
+        guest,
+        repl,
+    }
+}
