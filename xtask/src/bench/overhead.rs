@@ -18,12 +18,14 @@
 //! the first request to the end of the final flush; connecting and closing
 //! are outside), p99 is per request.
 
+use std::cell::{Cell, RefCell};
+use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
 
-use super::{run_ok, show, wait_nbd, Harness, Qmp, Row, KIB, MIB};
+use super::{run_ok, show, wait_nbd, Harness, Qmp, Row, Servers, KIB, MIB};
 
 /// Figure name of the primary rows (its target is 0.8).
 pub(super) const PRIMARY: &str =
@@ -43,7 +45,9 @@ the same local disk, the replication child detached (`xen-set-replication` off, 
 `x-blockdev-change` child removed, `blockdev-del`): the state before COLO starts. Runs \
 alternate on the same daemons; attaching and detaching are not timed. Throughput and p99 \
 are the writer's own: from the first request to the end of its final flush, and the p99 of \
-its per-request latencies (nearest rank). Target: ratio >= 0.8.";
+its per-request latencies (nearest rank). Each quorum configuration has its own primary \
+daemon: the default (children written one after another, as in the README's COLO set-up) \
+and `x-parallel-writes: true` (children written at once). Target: ratio >= 0.8.";
 
 /// Method of the secondary rows, printed under the figure's heading.
 pub(super) const SECONDARY_INTRO: &str = "The secondary disk (pre-filled qcow2) exported by a \
@@ -155,15 +159,40 @@ impl Harness {
         let dir = self.work.join("overhead");
         let _ = std::fs::remove_dir_all(&dir);
         let (mut sec, sec_uri, _guest) = self.start_secondary(&dir.join("sec"), size, true)?;
+        let mut result = Ok(());
+        // The quorum's default (children written one after another, as the
+        // README's COLO set-up has it) and our x-parallel-writes option.
+        for parallel in [false, true] {
+            result = self.overhead_primary_with(rows, &dir, size, &mut sec, &sec_uri, parallel);
+            if result.is_err() {
+                break;
+            }
+        }
+        sec.stop();
+        result
+    }
+
+    /// The primary rows for one quorum configuration, against the running
+    /// secondary `sec`.
+    fn overhead_primary_with(
+        &self,
+        rows: &mut Vec<Row>,
+        dir: &Path,
+        size: u64,
+        sec: &mut Servers,
+        sec_uri: &str,
+        parallel: bool,
+    ) -> Result<(), String> {
         let sec_sock = sec_uri
             .split_once("socket=")
             .map(|(_, s)| s.to_string())
             .ok_or("no socket in the secondary's URI")?;
-        let pri_img = dir.join("pri.qcow2");
+        let tag = if parallel { "par" } else { "ser" };
+        let pri_img = dir.join(format!("pri-{tag}.qcow2"));
         self.prefilled(&pri_img, size)?;
-        let qmp_path = dir.join("pri.qmp");
-        let mut pri = self.spawn_serve(&qmp_path, &dir.join("pri.log"))?;
-        let sock = dir.join("pri-nbd.sock");
+        let qmp_path = dir.join(format!("pri-{tag}.qmp"));
+        let mut pri = self.spawn_serve(&qmp_path, &dir.join(format!("pri-{tag}.log")))?;
+        let sock = dir.join(format!("pri-{tag}-nbd.sock"));
         let uri = format!("nbd+unix:///disk0?socket={}", sock.display());
         let setup = (|| {
             let mut q = Qmp::connect(&qmp_path)?;
@@ -175,7 +204,8 @@ impl Harness {
             q.ok(
                 "blockdev-add",
                 json!({"driver": "quorum", "node-name": "colo-disk0", "vote-threshold": 1,
-                       "read-pattern": "fifo", "children": ["local"]}),
+                       "read-pattern": "fifo", "x-parallel-writes": parallel,
+                       "children": ["local"]}),
             )?;
             q.ok(
                 "nbd-server-start",
@@ -189,17 +219,17 @@ impl Harness {
             Ok::<Qmp, String>(q)
         })();
         let q = match setup {
-            Ok(q) => std::cell::RefCell::new(q),
+            Ok(q) => RefCell::new(q),
             Err(e) => {
                 pri.stop();
-                sec.stop();
                 return Err(e);
             }
         };
-        let sec_q = std::cell::RefCell::new(sec.qmp.take());
-        let attached = std::cell::Cell::new(false);
-        // Bytes the primary had forwarded when the current "with" run began.
-        let forwarded_at = std::cell::Cell::new(None::<(u64, u64)>);
+        let sec_q = RefCell::new(sec.qmp.take());
+        let attached = Cell::new(false);
+        // Bytes the primary had forwarded when the current "with" run began,
+        // and the run's size.
+        let forwarded_at = Cell::new(None::<(u64, u64)>);
         let forwarded = |q: &mut Qmp| -> Result<u64, String> {
             let st = q.ok("x-blockrep-query-replication", json!({"node-name": "rep0"}))?;
             st[0]["bytes-forwarded"]
@@ -261,6 +291,7 @@ impl Harness {
             forwarded_at.set(Some((forwarded(&mut q)?, bytes)));
             Ok(())
         };
+        // (request size, depth, checkpoint before each replicated run)
         let cases: &[(u64, u64, bool)] = if self.quick {
             &[(64 * KIB, 1, false), (64 * KIB, 16, false)]
         } else {
@@ -286,14 +317,19 @@ impl Harness {
                     Ok(self.writer(&uri, bs, depth, count, 0x42))
                 };
                 let name = format!(
-                    "{} KiB seq writes, -d {depth}, {} MiB{}",
+                    "quorum {}, {} KiB seq writes, -d {depth}, {} MiB, {}",
+                    if parallel {
+                        "x-parallel-writes=true"
+                    } else {
+                        "default (children one after another)"
+                    },
                     bs / KIB,
                     region / MIB,
                     if ckpt {
-                        ", checkpoint before each replicated run (each forwarded write \
+                        "checkpoint before each replicated run (each forwarded write \
                          copies a cluster on the secondary)"
                     } else {
-                        ", secondary clusters already copied since the last checkpoint"
+                        "secondary clusters already copied since the last checkpoint"
                     }
                 );
                 rows.push(self.alternate_lat(PRIMARY, name, count * bs, &mut ours, &mut peer)?);
@@ -303,7 +339,7 @@ impl Harness {
         drop(q);
         sec.qmp = sec_q.into_inner();
         pri.stop();
-        sec.stop();
+        let _ = std::fs::remove_file(&pri_img);
         result
     }
 
@@ -337,14 +373,14 @@ impl Harness {
             Ok::<Qmp, String>(q)
         })();
         let q = match q {
-            Ok(q) => std::cell::RefCell::new(q),
+            Ok(q) => RefCell::new(q),
             Err(e) => {
                 servers.stop();
                 return Err(e);
             }
         };
         let hidden = dir.join("hidden.qcow2");
-        let job_up = std::cell::Cell::new(false);
+        let job_up = Cell::new(false);
         let stop_job = || -> Result<(), String> {
             if !job_up.get() {
                 return Ok(());
