@@ -422,7 +422,11 @@ fn failover_keeps_a_hidden_disk_added_by_name_until_blockdev_del() {
     sec_images(dir);
     let d = Daemon::start(dir, "sec");
     let mut q = secondary(dir, &d, true);
-    q.ok("x-colo-lost-heartbeat", json!({}));
+    // Failover through xen-set-replication this time.
+    q.ok(
+        "xen-set-replication",
+        json!({"enable": false, "primary": false, "failover": true}),
+    );
     assert!(wait_until(T, || repl_state(&mut q) == "DONE"));
     // Give the daemon's release step time to (wrongly) act.
     std::thread::sleep(Duration::from_millis(300));
