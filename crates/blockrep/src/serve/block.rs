@@ -27,6 +27,8 @@ pub(crate) fn lookup_device(d: &Daemon, name: &str) -> Result<NodeRef, QmpError>
 /// QEMU's `bdrv_lookup_bs(device, node_name)`: `device` names a backend
 /// (our exports' ids, as `query-block` lists them), `node-name` a node;
 /// neither found is a GenericError "Cannot find device='x' nor node-name='y'".
+/// Our daemon has no guest devices, so, as its other `device` arguments, a
+/// `device` that names no backend may name a node (QEMU would refuse).
 fn lookup_bs(
     d: &Daemon,
     device: Option<&str>,
@@ -39,6 +41,9 @@ fn lookup_bs(
             .into_iter()
             .find(|n| n.backend_names().iter().any(|b| b == dev))
         {
+            return Ok(n);
+        }
+        if let Ok(n) = d.graph.node(dev) {
             return Ok(n);
         }
     }
@@ -65,7 +70,15 @@ pub(crate) fn block_resize(d: &Daemon, a: &Args) -> Result<Value, QmpError> {
     if size < 0 {
         return Err(QmpError::generic("Parameter 'size' expects a >0 size"));
     }
-    node.check_op(BlockOp::Resize).map_err(generic)?;
+    // QEMU: "Device 'x' is in use"; the blocker's reason is added (on a
+    // replicating top: in use by replication).
+    node.check_op(BlockOp::Resize).map_err(|e| {
+        QmpError::generic(format!(
+            "Device '{}' is in use: {}",
+            a.opt_str("device").unwrap_or(node.name()),
+            e.context_str()
+        ))
+    })?;
     if node.is_read_only() {
         // QEMU's permission check on a user taking resize.
         return Err(QmpError::generic("Block node is read-only"));

@@ -28,11 +28,15 @@
 //! `nbd-server-stop`).
 //!
 //! `block_resize {device?, node-name?, size}`: `device` names a block
-//! backend (our export ids, as `query-block` lists them), `node-name` a
-//! node; grows the node (shrinks where the driver can: `memory`, `file`,
-//! `raw`; qcow2 only grows). Refused while an op blocker covers resize: on
-//! the `top-id` node of a running replication the description says the node
-//! is in use by replication (as for jobs on that node).
+//! backend (our export ids, as `query-block` lists them) or, since we have
+//! no guest devices, a node (QEMU would refuse that); `node-name` a node.
+//! Grows the node (shrinks where the driver can: `memory`, `file`, `raw`;
+//! qcow2 only grows). Refused while an op blocker covers resize: on the
+//! `top-id` node of a running replication with "Device 'top' is in use: "
+//! and the blocker's reason (in use by replication, as for jobs on that
+//! node). A filter node (e.g. `replication` after failover) cannot be
+//! resized: block-graph does not pass truncate through filters yet; resize
+//! the node below it.
 //!
 //! Jobs: `query-jobs` lists QEMU's `JobInfo` (`id`, `type`, `status`,
 //! `current-progress`, `total-progress`, `error` once failed); internal
