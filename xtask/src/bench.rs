@@ -217,6 +217,7 @@ pub fn run(root: &Path, rest: &[String]) -> Result<(), String> {
         work: work.clone(),
         reps: opts.reps,
         quick: opts.quick,
+        missing: std::cell::RefCell::new(Vec::new()),
     };
     let mut rows = Vec::new();
     let mut missing = Vec::new();
@@ -258,6 +259,7 @@ pub fn run(root: &Path, rest: &[String]) -> Result<(), String> {
     if want(7) {
         failed("7. Failover", h.failover(&mut rows));
     }
+    missing.extend(h.missing.take());
     not_measured(&mut missing, opts.quick, want(6));
 
     let guard = if opts.quick {
@@ -410,6 +412,9 @@ struct Harness {
     work: PathBuf,
     reps: usize,
     quick: bool,
+    /// Rows a figure could not measure (with the reason), added to the
+    /// report's "Rows not measured".
+    missing: std::cell::RefCell<Vec<Missing>>,
 }
 
 /// A benchmark side: builds the command of one run, after preparing its files.

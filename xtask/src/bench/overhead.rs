@@ -25,7 +25,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
 
-use super::{run_ok, show, wait_nbd, Harness, Qmp, Row, Servers, KIB, MIB};
+use super::{run_ok, show, wait_nbd, Harness, Missing, Qmp, Row, Servers, KIB, MIB};
 
 /// Figure name of the primary rows (its target is 0.8).
 pub(super) const PRIMARY: &str =
@@ -164,7 +164,19 @@ impl Harness {
         // README's COLO set-up has it) and our x-parallel-writes option.
         for parallel in [false, true] {
             result = self.overhead_primary_with(rows, &dir, size, &mut sec, &sec_uri, parallel);
-            if result.is_err() {
+            if let Err(e) = &result {
+                if parallel && e.contains("'x-parallel-writes' is unexpected") {
+                    // The daemon's QMP schema does not take the option (yet).
+                    self.missing.borrow_mut().push(Missing {
+                        figure: "4. Replication overhead",
+                        what: "primary with quorum x-parallel-writes=true".into(),
+                        why: "not measurable through `blockrep serve`: its QMP schema \
+                              refuses quorum's `x-parallel-writes` (block-graph's quorum \
+                              has it, off by default)"
+                            .into(),
+                    });
+                    result = Ok(());
+                }
                 break;
             }
         }
@@ -201,12 +213,13 @@ impl Harness {
                 json!({"driver": "qcow2", "node-name": "local",
                        "file": {"driver": "file", "filename": pri_img}}),
             )?;
-            q.ok(
-                "blockdev-add",
-                json!({"driver": "quorum", "node-name": "colo-disk0", "vote-threshold": 1,
-                       "read-pattern": "fifo", "x-parallel-writes": parallel,
-                       "children": ["local"]}),
-            )?;
+            let mut quorum = json!({"driver": "quorum", "node-name": "colo-disk0",
+                                    "vote-threshold": 1, "read-pattern": "fifo",
+                                    "children": ["local"]});
+            if parallel {
+                quorum["x-parallel-writes"] = json!(true);
+            }
+            q.ok("blockdev-add", quorum)?;
             q.ok(
                 "nbd-server-start",
                 json!({"addr": {"type": "unix", "data": {"path": sock}}}),
