@@ -492,7 +492,12 @@ fn mirror_speed_limit_10mib() {
         },
     )
     .unwrap();
-    std::thread::sleep(Duration::from_secs(3));
+    // bytes moved over the 3 s window from the start: progress and elapsed
+    // time read together at the window's end
+    let end = t0 + Duration::from_secs(3);
+    while std::time::Instant::now() < end {
+        std::thread::sleep(end.saturating_duration_since(std::time::Instant::now()));
+    }
     let moved = mj.job().progress().0 as f64;
     let rate = moved / t0.elapsed().as_secs_f64() / (1 << 20) as f64;
     mj.job().cancel(true).unwrap();
