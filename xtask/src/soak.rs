@@ -43,6 +43,8 @@ fn outcome_class(stdout: &str) -> &'static str {
         .unwrap_or("");
     if line.contains("FAILOVER_FAILED") {
         "failover failed (FAILOVER_FAILED)"
+    } else if line.contains("after the failover") {
+        "secondary guest's disk error after the failover"
     } else if line.contains("replication error") {
         "replication error reported"
     } else {
@@ -165,7 +167,7 @@ pub fn run(root: &Path, rest: &[String]) -> Result<(), String> {
          passed in {minutes} min"
     );
     for ((f, o), c) in &faults {
-        eprintln!("xtask soak:   fault {f:<16} {o:<36} {c} runs");
+        eprintln!("xtask soak:   fault {f:<16} {o:<50} {c} runs");
     }
     Ok(())
 }

@@ -360,6 +360,8 @@ struct Demo<'a> {
     broken: bool,
     /// The secondary's failover ended in FAILOVER_FAILED.
     failover_failed: bool,
+    /// `x-colo-lost-heartbeat` was sent.
+    failover_begun: bool,
     /// What the fault did, and what was verified about it.
     fault_outcome: Option<String>,
     fault_verified: Vec<String>,
@@ -483,6 +485,7 @@ impl Demo<'_> {
             link_dropped: false,
             broken: false,
             failover_failed: false,
+            failover_begun: false,
             fault_outcome: None,
             fault_verified: Vec::new(),
             stream: Vec::new(),
@@ -616,7 +619,11 @@ impl Demo<'_> {
                             found: m.found,
                         }));
                     }
-                    Ok(WorkerEnd::Error(e)) => return Err(e),
+                    Ok(WorkerEnd::Error(e)) => {
+                        if !self.expected_guest_error(&e) {
+                            return Err(e);
+                        }
+                    }
                     Err(_) => {
                         return Err(DemoError::Replication {
                             side: "demo",
@@ -890,6 +897,7 @@ impl Demo<'_> {
         self.copied += ss["clusters-copied-since-checkpoint"].as_u64().unwrap_or(0);
         // The secondary guest keeps running through the failover commit.
         let t_lh = Instant::now();
+        self.failover_begun = true;
         self.sq()?.run("x-colo-lost-heartbeat", json!({}))?;
         let deadline = Instant::now() + Duration::from_secs(60);
         let status = loop {
@@ -1174,6 +1182,57 @@ impl Demo<'_> {
             "{when}: primary disk and view = every acknowledged write; secondary guest view = last checkpoint + its writes"
         ));
         Ok(())
+    }
+
+    /// After the failover the secondary disk is the secondary guest's own
+    /// disk: with a fault on it, a guest write covering a failing sector
+    /// (secondary-write) or a guest flush (secondary-flush) fails with the
+    /// fault's errno, and nothing of it reaches the model. That guest then
+    /// stops; the final checks go on. True when `e` is that error.
+    fn expected_guest_error(&mut self, e: &DemoError) -> bool {
+        let Some(f) = self.fault.as_ref().filter(|f| f.kind.on_secondary_disk()) else {
+            return false;
+        };
+        let DemoError::Nbd {
+            side: "secondary",
+            op,
+            offset,
+            len,
+            source,
+        } = e
+        else {
+            return false;
+        };
+        let errno_ok = source.kind()
+            == match f.errno {
+                FaultErrno::Eio => nbd::ErrorKind::Io,
+                FaultErrno::Enospc => nbd::ErrorKind::NoSpace,
+            };
+        let covers = f
+            .sectors
+            .iter()
+            .any(|s| s * 512 < offset + len && *offset < (s + 1) * 512);
+        let expected = self.failover_begun
+            && !self.failover_failed
+            && errno_ok
+            && match f.kind {
+                FaultKind::SecondaryWrite => *op == "write" && covers,
+                _ => *op == "flush",
+            };
+        if expected {
+            self.checks += 1;
+            self.fault_verified.push(format!(
+                "after the failover the secondary guest's {op} at offset {offset} length {len} \
+                 failed with {} (its disk's fault); that guest stopped",
+                f.errno.name()
+            ));
+            self.fault_outcome.get_or_insert_with(|| {
+                "hit after the failover: the secondary guest's own disk failed its I/O \
+                 (the guest saw the error)"
+                    .into()
+            });
+        }
+        expected
     }
 
     /// link-drop: the secondary removes its NBD export (and the primary's
