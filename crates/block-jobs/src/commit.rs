@@ -324,6 +324,12 @@ impl JobDriver for CommitDriver {
         let mut runs = Vec::new();
         let mut off = 0;
         while off < len {
+            // the scan of a large sparse chain may take a while: a drained
+            // section or a pause must not wait for its end
+            ctx.pause_point();
+            if ctx.is_cancelled() {
+                return Ok(());
+            }
             let (alloc, run) =
                 self.graph
                     .is_allocated_above(&self.top, Some(&self.base), off, len - off)?;
