@@ -199,6 +199,90 @@ fn metadata_io(c: &mut Criterion) {
         })
     });
     g.finish();
+    metadata_miss_e2e(c, &dir);
+}
+
+/// A read-only file storage whose whole-cluster reads at cluster offsets
+/// (the engine's L2 table and refcount block reads) are copies from a
+/// memmap2 map; other reads (guest data) stay positional.
+struct MappedTables {
+    file: File,
+    map: memmap2::Mmap,
+}
+
+impl qcow_lite::Storage for MappedTables {
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> std::io::Result<()> {
+        let end = offset + buf.len() as u64;
+        if buf.len() as u64 == CS && offset % CS == 0 && end <= self.map.len() as u64 {
+            buf.copy_from_slice(&self.map[offset as usize..end as usize]);
+            return Ok(());
+        }
+        qcow_lite::Storage::read_at(&self.file, buf, offset)
+    }
+    fn write_at(&self, _buf: &[u8], _offset: u64) -> std::io::Result<()> {
+        Err(std::io::Error::other("read-only bench storage"))
+    }
+    fn flush(&self) -> std::io::Result<()> {
+        Ok(())
+    }
+    fn len(&self) -> std::io::Result<u64> {
+        Ok(self.file.metadata()?.len())
+    }
+    fn set_len(&self, _len: u64) -> std::io::Result<()> {
+        Err(std::io::Error::other("read-only bench storage"))
+    }
+}
+
+/// Number of L2 tables the cache-miss workload spreads its data over.
+const MISS_TABLES: u64 = 64;
+/// Allocated clusters per L2 table in that workload.
+const MISS_CLUSTERS: u64 = 4;
+
+/// End to end: random 4 KiB reads over 64 L2 tables with a 2-table L2 cache
+/// (nearly every read misses), table reads by pread or from a memmap2 map.
+fn metadata_miss_e2e(c: &mut Criterion, dir: &Path) {
+    let path = dir.join("meta-miss.qcow2");
+    let per_table = CS / 8 * CS; // guest bytes one L2 table maps
+    {
+        let img = create_file_image(&path, MISS_TABLES * per_table);
+        let data = vec![0x77u8; (MISS_CLUSTERS * CS) as usize];
+        for t in 0..MISS_TABLES {
+            img.write(t * per_table, &data, None).unwrap();
+        }
+        img.close().unwrap();
+    }
+    let opts = qcow_lite::OpenOptions {
+        read_only: true,
+        l2_cache_tables: 1, // the cache keeps at least 2
+        ..Default::default()
+    };
+    let mut g = c.benchmark_group("metadata_miss_4k_random_read");
+    g.measurement_time(Duration::from_secs(3));
+    let mut run = |name: &str, read: &mut dyn FnMut(u64, &mut [u8])| {
+        let mut rng = Rng::new(11);
+        let mut buf = vec![0u8; 4096];
+        g.bench_function(name, |b| {
+            b.iter(|| {
+                let t = rng.below(MISS_TABLES);
+                let off = t * per_table + rng.below(MISS_CLUSTERS * CS / 4096) * 4096;
+                read(off, &mut buf);
+                black_box(&buf);
+            })
+        });
+    };
+    let by_pread = Qcow2::open_with(File::open(&path).unwrap(), opts).unwrap();
+    run("pread", &mut |off, buf| {
+        by_pread.read(off, buf, None).unwrap()
+    });
+    let f = File::open(&path).unwrap();
+    // SAFETY: the image is private to this benchmark, opened read-only and
+    // not resized while mapped.
+    let map = unsafe { memmap2::Mmap::map(&f).unwrap() };
+    let by_map = Qcow2::open_with(MappedTables { file: f, map }, opts).unwrap();
+    run("memmap2", &mut |off, buf| {
+        by_map.read(off, buf, None).unwrap()
+    });
+    g.finish();
 }
 
 fn qemu_img_bench(args: &[&str]) -> String {

@@ -1451,17 +1451,7 @@ impl<S: Storage> Qcow2<S> {
         let freed = self.drop_refcounts_except(&mut m, &keep)?;
         // 3. Shrink the file to the metadata left, punch holes below it.
         let cs = self.cs();
-        let mut keep_end = 1u64;
-        let l1c = (m.l1.len() as u64 * 8).div_ceil(cs).max(1);
-        keep_end = keep_end.max((m.h.l1_table_offset >> self.cluster_bits) + l1c);
-        keep_end = keep_end.max(
-            (m.h.refcount_table_offset >> self.cluster_bits) + m.h.refcount_table_clusters as u64,
-        );
-        for rti in 0..m.rt.len() as u64 {
-            if let Some(b) = self.rt_block(&m, rti)? {
-                keep_end = keep_end.max((b >> self.cluster_bits) + 1);
-            }
-        }
+        let keep_end = keep.max().map_or(1, |c| c + 1);
         let mut in_use_below: RoaringTreemap = RoaringTreemap::new();
         for c in freed {
             if c < keep_end {
@@ -1498,8 +1488,8 @@ impl<S: Storage> Qcow2<S> {
         keep.insert_range(l1..l1 + l1c);
         let rt = m.h.refcount_table_offset >> self.cluster_bits;
         keep.insert_range(rt..rt + m.h.refcount_table_clusters as u64);
-        for rti in 0..m.rt.len() as u64 {
-            if let Some(b) = self.rt_block(m, rti)? {
+        for (rti, _) in m.rt.iter().enumerate().filter(|(_, &e)| e != 0) {
+            if let Some(b) = self.rt_block(m, rti as u64)? {
                 keep.insert(b >> self.cluster_bits);
             }
         }
