@@ -3,13 +3,18 @@
 //! the cluster's old contents are copied to the target.
 //!
 //! Options (`Graph::add_node`): `file` (the source, filtered child),
-//! `target` (node name of the target; see below), `cluster-size` (copy unit,
-//! power of two, default 64 KiB).
+//! `target` (the target: a node name or definition, attached as the child
+//! edge in role `target`, as QEMU's node has `file` and `target` children),
+//! `cluster-size` (copy unit, power of two, default 64 KiB).
 //!
-//! The target is held by the driver, not as a child edge: in the replication
-//! setup the target (hidden disk) has the source (secondary disk) as its
-//! backing, and a `target` edge would make `insert_filter_above` see a cycle
-//! (QEMU's `bdrv_replace_node` skips that edge instead; block-graph refuses).
+//! Because the target is a child edge, the filter reaches the target's
+//! subtree, so `insert_filter_above(source, filter)` leaves in place every
+//! edge from the target's side onto the source (block-graph's
+//! `replace_node` skips edges that would close a cycle, as QEMU's
+//! `should_update_child`): in the replication setup the hidden disk's backing
+//! edge stays on the secondary disk, and a target that has the source as a
+//! child (a quorum over it) keeps its edge, so a copy into the target never
+//! comes back through the filter and waits for itself.
 
 use std::ops::Range;
 use std::sync::Arc;
@@ -50,14 +55,15 @@ impl CopyBeforeWrite {
         let source = ctx
             .open_child("file", Role::File, true)?
             .ok_or_else(|| GError::invalid("copy-before-write: option 'file' is required"))?;
-        let tname = ctx.options().require_str("target")?;
         let cs = ctx.options().take_u64("cluster-size")?.unwrap_or(65536);
         if !cs.is_power_of_two() || !(512..=(64 << 20)).contains(&cs) {
             return Err(GError::invalid(format!(
                 "copy-before-write: option 'cluster-size' must be a power of two in 512..64 MiB, got {cs}"
             )));
         }
-        let target = ctx.graph().node(&tname)?;
+        let target = ctx
+            .open_child("target", target_role(), true)?
+            .ok_or_else(|| GError::invalid("copy-before-write: option 'target' is required"))?;
         if target.len() != source.len() {
             return Err(GError::invalid(format!(
                 "copy-before-write: source '{}' has length {} but target '{}' has length {}",
@@ -84,9 +90,14 @@ impl CopyBeforeWrite {
         &self.tracker
     }
 
-    /// The target node.
+    /// The target node given at open (copies go through the `target` edge).
     pub fn target(&self) -> &NodeRef {
         &self.target
+    }
+
+    fn target_of(&self, node: &Node) -> NodeRef {
+        node.child(&target_role())
+            .unwrap_or_else(|| self.target.clone())
     }
 
     fn source(node: &Node) -> block_graph::Result<NodeRef> {
@@ -99,9 +110,14 @@ impl CopyBeforeWrite {
     fn before_write(&self, node: &Node, offset: u64, len: u64) -> block_graph::Result<()> {
         let src = Self::source(node)?;
         self.tracker
-            .ensure_copied(offset, len, |r| copy_range(&src, &self.target, r))
+            .ensure_copied(offset, len, |r| copy_range(&src, &self.target_of(node), r))
             .map_err(|e| e.context("copy-before-write"))
     }
+}
+
+/// The role of the target edge.
+fn target_role() -> Role {
+    Role::Named("target".to_string())
 }
 
 /// Copies `r` from `src` to `dst` in bounded steps; all-zero steps become

@@ -53,8 +53,14 @@ fn sync_none_copies_once_per_checkpoint_and_cancel_removes_filter() {
     let filter = bk.filter_node().clone();
     assert_eq!(filter.driver_name(), "copy-before-write");
     assert!(std::sync::Arc::ptr_eq(&be.node(), &filter));
-    // the target's backing link now goes through the filter too
-    assert!(std::sync::Arc::ptr_eq(&tgt.backing().unwrap(), &filter));
+    // the target is the filter's `target` child; its backing link stays on
+    // the source (moving it would close a cycle through that edge: QEMU's
+    // should_update_child)
+    assert!(std::sync::Arc::ptr_eq(
+        &filter.child(&Role::Named("target".into())).unwrap(),
+        &tgt
+    ));
+    assert!(std::sync::Arc::ptr_eq(&tgt.backing().unwrap(), &src));
 
     be.write(3 * CS + 100, &[0xAA; 10], WriteFlags::default())
         .unwrap();
@@ -334,4 +340,48 @@ proptest! {
         prop_assert!(matches!(bk.job().wait(), JobOutcome::Cancelled));
         prop_assert!(tgt.child(&Role::Backing).map(|b| std::sync::Arc::ptr_eq(&b, &src)).unwrap_or(false));
     }
+}
+
+/// The target is the filter's `target` child edge, so a target that has the
+/// source as its own child (a quorum over it) keeps that edge: a write into
+/// the target does not come back through the filter and wait for its own
+/// copy (it used to hang).
+#[test]
+fn target_over_its_source_keeps_its_edge_and_does_not_hang() {
+    let g = Graph::new();
+    let b = mem(&g, "b", 4 * CS, None);
+    b.write(0, &pattern(5, 0, (4 * CS) as usize), WriteFlags::default())
+        .unwrap();
+    let q = g
+        .add_node(&serde_json::json!({"driver": "quorum", "node-name": "q",
+            "children": ["b"], "vote-threshold": 1}))
+        .unwrap();
+    let m = JobManager::new();
+    let bk = BackupJob::start(&m, &g, &b, &q, BackupOptions::default()).unwrap();
+    let filter = bk.filter_node().clone();
+    assert!(std::sync::Arc::ptr_eq(
+        &filter.child(&Role::Named("target".into())).unwrap(),
+        &q
+    ));
+    let (_, kid) = q.children().into_iter().next().unwrap();
+    assert!(
+        std::sync::Arc::ptr_eq(&kid, &b),
+        "q's child is '{}'",
+        kid.name()
+    );
+    let (tx, rx) = crossbeam_channel::bounded(1);
+    let q2 = q.clone();
+    std::thread::spawn(move || {
+        let _ = tx.send(q2.write(CS, &[9u8; 4096], WriteFlags::default()));
+    });
+    let r = rx
+        .recv_timeout(Duration::from_secs(10))
+        .expect("a write into the target hung");
+    r.unwrap();
+    let mut b_now = vec![0u8; 4096];
+    b.read(CS, &mut b_now).unwrap();
+    assert_eq!(b_now, vec![9u8; 4096]);
+    bk.job().cancel(true).unwrap();
+    assert!(matches!(bk.job().wait(), JobOutcome::Cancelled));
+    assert!(g.node_names().iter().all(|n| n != filter.name()));
 }
