@@ -980,22 +980,25 @@ impl Harness {
     fn checkpoint(&self, pauses: &mut Vec<Pause>) -> Result<(), String> {
         const GIB: u64 = 1024 * MIB;
         const TIB: u64 = 1024 * GIB;
-        // (disk size, label, dirty clusters, rounds)
-        let cases: &[(u64, &str, u64, usize)] = if self.quick {
-            &[(GIB, "1 GiB", 10, 5), (GIB, "1 GiB", 100, 5)]
+        // (disk size, label, dirty clusters, recorded rounds, unrecorded
+        // first round). 100,000 clusters write 6.1 GiB per round and the
+        // checkpoint then flushes it: three recorded rounds, no warm-up, to
+        // keep the full run inside its 30 minutes.
+        let cases: &[(u64, &str, u64, usize, bool)] = if self.quick {
+            &[(GIB, "1 GiB", 10, 5, true), (GIB, "1 GiB", 100, 5, true)]
         } else {
             &[
-                (GIB, "1 GiB", 10, 20),
-                (GIB, "1 GiB", 1000, 20),
-                (GIB, "1 GiB", 16384, 5),
-                (TIB, "1 TiB", 10, 20),
-                (TIB, "1 TiB", 1000, 20),
-                (TIB, "1 TiB", 16384, 5),
-                (TIB, "1 TiB", 100_000, 5),
+                (GIB, "1 GiB", 10, 20, true),
+                (GIB, "1 GiB", 1000, 20, true),
+                (GIB, "1 GiB", 16384, 5, true),
+                (TIB, "1 TiB", 10, 20, true),
+                (TIB, "1 TiB", 1000, 20, true),
+                (TIB, "1 TiB", 16384, 5, true),
+                (TIB, "1 TiB", 100_000, 3, false),
             ]
         };
         let cs = 64 * KIB;
-        for &(size, label, n, rounds) in cases {
+        for &(size, label, n, rounds, warm) in cases {
             eprintln!("xtask bench: 6. checkpoint pause, {label}, {n} dirty clusters");
             let dir = self.work.join("ckpt");
             let _ = std::fs::remove_dir_all(&dir);
@@ -1010,7 +1013,7 @@ impl Harness {
             let r = (|| {
                 let mut reported = Vec::new();
                 let mut wall = Vec::new();
-                for round in 0..=rounds {
+                for round in usize::from(!warm)..=rounds {
                     if n_sec > 0 {
                         self.dirty(&sec_uri, 0, step, n_sec, 0x21)?;
                     }
@@ -1360,7 +1363,8 @@ impl Qmp {
                 Err(_) => std::thread::sleep(Duration::from_millis(20)),
             }
         };
-        s.set_read_timeout(Some(Duration::from_secs(60)))
+        // A checkpoint with 100,000 dirty clusters flushes GiBs first.
+        s.set_read_timeout(Some(Duration::from_secs(600)))
             .map_err(|e| e.to_string())?;
         let w = s.try_clone().map_err(|e| e.to_string())?;
         let mut q = Qmp {
@@ -1643,8 +1647,11 @@ fn render(r: &Report) -> String {
              disk) and N/2 through the guest's export (clusters in the active disk), \
              interleaved evenly over the disk, then runs `xen-colo-do-checkpoint` over QMP. \
              \"daemon\" is the daemon's own `last-checkpoint-duration-us`; \"QMP\" the \
-             command's round trip seen by the client. Rounds per case: {} (after one \
-             unrecorded round); with fewer than 100 rounds the p99 is the largest sample. \
+             command's round trip seen by the client. Recorded rounds per case: {} (after \
+             one unrecorded round, except at 100,000 clusters); with fewer than 100 rounds \
+             the p99 is the largest sample. The checkpoint flushes what the round wrote \
+             (the image files are opened with the host cache), so with large dirty sets the pause \
+             can include writing that data back. \
              Targets: p99 < 1 ms at 1,000 dirty clusters; 1 TiB within 1.5x of 1 GiB.\n",
             r.pauses
                 .iter()
