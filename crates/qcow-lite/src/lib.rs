@@ -51,11 +51,13 @@
 //!
 //! ## Metadata I/O
 //! L2 tables and refcount blocks sit in bounded write-back caches
-//! ([`OpenOptions`]) read and written with positional I/O. memmap2 was
-//! measured faster for a hot 64 KiB table read (3.05 µs vs 5.0 µs, see the
-//! README) but positional I/O was kept: tables are read only on cache misses,
-//! the block-graph child storage cannot be mapped, and a mapped file that is
-//! truncated turns errors into SIGBUS.
+//! ([`OpenOptions`]) read and written with positional I/O. memmap2 wins a
+//! hot 64 KiB table micro-read (3.0-3.8 µs vs 6-9 µs) but not end to end:
+//! random 4 KiB reads that miss a 2-table L2 cache took 6.2 µs with pread
+//! table reads and 8.0 µs with the tables copied from a map (12.1 vs 13.0 µs
+//! in a second run; see the README). Positional I/O is kept: the block-graph
+//! child storage cannot be mapped, and a mapped file that is truncated (by
+//! us or another process) turns errors into SIGBUS.
 //!
 //! ## block-graph
 //! [`register`] adds the `qcow2` driver ([`Qcow2Driver`]): a `file` child
