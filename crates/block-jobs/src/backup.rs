@@ -265,6 +265,15 @@ impl BackupDriver {
                 return Ok(());
             }
             self.progress(ctx);
+            // Wait for the speed limit before claiming, never while holding
+            // a claim: the wait is a pause point, and a guest write to a
+            // claimed cluster waits (copy-before-write) for the claim while
+            // in flight. Parked by a drained section with a claim held, the
+            // job would keep that write, and so the section, waiting for ever.
+            ctx.throttle(0);
+            if ctx.cancel_requested() {
+                return Ok(());
+            }
             let Some(r) = self.tracker.claim_next(from, nb, 16) else {
                 if self.tracker.remaining() == 0 {
                     break;
@@ -275,7 +284,8 @@ impl BackupDriver {
                 continue;
             };
             let bytes = self.tracker.byte_range(&r);
-            ctx.throttle(bytes.end - bytes.start);
+            // no pause point from the claim to finish_claim
+            ctx.account(bytes.end - bytes.start);
             match copy_range_op(&self.source, &self.target, bytes.clone()) {
                 Ok(()) => {
                     self.tracker.finish_claim(r.clone(), true);

@@ -901,6 +901,21 @@ impl JobContext {
         self.limit.lock().consume(n);
     }
 
+    /// Account `n` bytes as dispatched for the speed limit without waiting
+    /// (never a pause point). For work that must not park between taking a
+    /// resource and using it: wait first with `throttle(0)`, take, then
+    /// account (a backup's cluster claim, which guest writes may wait for).
+    pub fn account(&self, n: u64) {
+        {
+            let mut st = self.job.inner.state.lock();
+            if st.speed_changed {
+                st.speed_changed = false;
+                self.limit.lock().set_speed(st.speed);
+            }
+        }
+        self.limit.lock().consume(n);
+    }
+
     /// Sleep up to `d`; returns true if woken early by cancel, pause, complete
     /// or kick.
     /// The job is idle by its own choice meanwhile: the speed limit does not
