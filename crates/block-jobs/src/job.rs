@@ -399,6 +399,14 @@ pub trait JobDriver: Send + 'static {
     /// The graph and the nodes the job reads or writes: drained sections
     /// covering any of them pause the job (see [`DRAIN_PARK_TIMEOUT`]).
     /// None: drains do not pause it.
+    ///
+    /// A driver that returns nodes must not reach a pause point (including
+    /// [`JobContext::throttle`] and [`JobContext::sleep`]) while it holds
+    /// anything a request on those nodes may wait for (a copy-before-write
+    /// cluster claim, a serialising guard) or while its own requests are in
+    /// flight: parked there inside a drained section, it would keep the
+    /// section waiting for a request that waits for the job. Throttle first,
+    /// then take (see [`JobContext::account`]).
     fn drained_nodes(&self) -> Option<(Graph, Vec<NodeRef>)> {
         None
     }
