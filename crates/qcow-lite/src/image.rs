@@ -910,8 +910,13 @@ impl<S: Storage> Qcow2<S> {
     /// Data durable, then refcount blocks and table, then the header when it
     /// points somewhere new. After this, L2 tables may be written.
     fn write_refcounts_ordered(&self, m: &mut Meta) -> Result<()> {
-        self.ensure_dirty(m)?;
-        self.sflush()?;
+        if m.dirty_on_disk {
+            self.sflush()?;
+        } else {
+            // Its flush after the dirty bit also covers the data written
+            // before it: one storage flush instead of two.
+            self.ensure_dirty(m)?;
+        }
         if !self.lazy || m.header_dirty || m.rt_dirty {
             self.write_refcounts(m)?;
         }
