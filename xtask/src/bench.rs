@@ -62,7 +62,7 @@ fn parse_opts(rest: &[String]) -> Result<Opts, String> {
             other => {
                 return Err(format!(
                     "bench: unexpected option '{other}' \
-                     (expected --quick, --no-criterion, --reps N, --only 1,2,3,5)"
+                     (expected --quick, --no-criterion, --reps N, --only 1,4,7 (figures 1-7))"
                 ))
             }
         }
@@ -1744,6 +1744,7 @@ fn render(r: &Report) -> String {
             "Each row's explanation comes from `xtask/src/bench/notes.md` (sections \
              `### FIGURE | ROW`), written by hand from the investigation it names.\n"
         );
+        let mut shown = std::collections::HashSet::new();
         for (figure, name, what) in &misses {
             let _ = writeln!(s, "- **{figure} / {name}**: {what}");
             let found = notes.find(figure, name);
@@ -1756,6 +1757,10 @@ fn render(r: &Report) -> String {
                 );
             }
             for body in found {
+                if !shown.insert(body) {
+                    let _ = writeln!(s, "  - (same note as above)");
+                    continue;
+                }
                 for line in body.lines() {
                     if line.trim().is_empty() {
                         let _ = writeln!(s);
