@@ -1,5 +1,8 @@
 //! Graph helpers shared by the jobs.
 
+use std::collections::HashSet;
+use std::sync::Arc;
+
 use block_graph::{Error as GError, ErrorKind as GKind, Graph, NodeRef, ReopenOpts, Role};
 
 /// Takes a filter node this crate inserted out of the graph: its parents and
@@ -67,4 +70,28 @@ pub(crate) fn set_read_only(
         .map(|n| (n.clone(), ReopenOpts { read_only }))
         .collect();
     graph.reopen(&q)
+}
+
+/// True if writes into `from` reach `to`: `to` is `from` or lies below it
+/// through child edges that carry writes (every role but `backing`, unless
+/// `backing` is a filter's filtered child; a copy-before-write filter's
+/// `target` edge counts).
+pub(crate) fn writes_reach(from: &NodeRef, to: &NodeRef) -> bool {
+    let mut seen = HashSet::new();
+    let mut stack = vec![from.clone()];
+    while let Some(n) = stack.pop() {
+        if Arc::ptr_eq(&n, to) {
+            return true;
+        }
+        if !seen.insert(Arc::as_ptr(&n) as usize) {
+            continue;
+        }
+        let filtered = n.is_filter().then(|| n.driver().filtered_child());
+        for (role, c) in n.children() {
+            if role != Role::Backing || filtered.as_ref() == Some(&role) {
+                stack.push(c);
+            }
+        }
+    }
+    false
 }

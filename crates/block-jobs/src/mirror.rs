@@ -303,6 +303,18 @@ impl MirrorJob {
                 ),
             ));
         }
+        // a target that writes into the source (a quorum over it) dirties
+        // every chunk it copies again: the job would copy for ever
+        if crate::graph_util::writes_reach(target, source) {
+            return Err(JobError::new(
+                ErrorKind::InvalidArgument,
+                format!(
+                    "mirror: target '{}' writes into the source '{}'",
+                    target.name(),
+                    source.name()
+                ),
+            ));
+        }
         source.check_op(BlockOp::MirrorSource)?;
         target.check_op(BlockOp::MirrorTarget)?;
         start_engine(manager, graph, source, target, Mode::Mirror, opts)
