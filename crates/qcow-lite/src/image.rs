@@ -209,6 +209,10 @@ struct Meta {
     free: RoaringTreemap,
     /// Clusters to decrement once the metadata dropping them is durable.
     pending_decref: Vec<u64>,
+    /// Clusters a make_empty dropped (refcount already 0 in the cache) whose
+    /// dropping is not durable yet: not reused before the next flush, which
+    /// then frees them and shrinks the file (see [`Qcow2::make_empty`]).
+    quarantine: RoaringTreemap,
     dirty_on_disk: bool,
 }
 
@@ -460,6 +464,7 @@ impl<S: Storage> Qcow2<S> {
                 phys_len: file_len,
                 free: RoaringTreemap::new(),
                 pending_decref: Vec::new(),
+                quarantine: RoaringTreemap::new(),
                 dirty_on_disk,
             }),
         })
@@ -976,6 +981,13 @@ impl<S: Storage> Qcow2<S> {
     /// The ordered metadata flush: data, refcount increments, L2 tables, L1
     /// table, then the decrements of clusters those tables dropped.
     fn flush_locked(&self, m: &mut Meta, force_refcounts: bool) -> Result<()> {
+        self.flush_ordered(m, force_refcounts)?;
+        // Everything written so far is durable: what a make_empty dropped
+        // may now be reused, and the file shrink it deferred can happen.
+        self.reclaim_quarantine(m)
+    }
+
+    fn flush_ordered(&self, m: &mut Meta, force_refcounts: bool) -> Result<()> {
         if !Self::has_changes(m) {
             return self.sflush();
         }
@@ -1426,59 +1438,103 @@ impl<S: Storage> Qcow2<S> {
     /// (a writable image has no internal snapshots, so once the L1 entries
     /// are cleared nothing else references them). Costs O(allocated L2
     /// tables) writes plus a scan of the refcounts of the file's clusters
-    /// (runs of zeros skipped 4 entries at a time), and truncates the file
-    /// (or punches holes) so it stays small.
+    /// (runs of zeros skipped 4 entries at a time). No storage flush: like
+    /// any discard it is durable after the next [`Qcow2::flush`], which also
+    /// truncates the file (or punches holes) so it stays small; until then
+    /// the dropped clusters are not reused.
     pub fn make_empty(&self) -> Result<()> {
         self.check_writable()?;
         let mut m = self.meta.lock();
-        // Pending metadata first (in order); unflushed guest data needs no
-        // flush: it is about to be dropped.
-        if Self::has_changes(&m) {
+        // A refcount table or header change since the last flush must reach
+        // the disk in order first (rare: the image grew its tables).
+        if m.header_dirty || m.rt_dirty {
             self.flush_locked(&mut m, true)?;
         }
         self.ensure_dirty(&mut m)?;
+        // 1. Clear the L1 entries, in the storage but without a sync: a
+        // power loss before the next flush leaves each entry either as it
+        // was (its tables and data are intact: nothing dropped is reused
+        // before that flush) or cleared, so the image reads, per L1 range,
+        // as before or as empty, as any unflushed discard may. No sync means
+        // the checkpoint does not wait for the guest data still in the page
+        // cache to be written, only to be dropped.
         let used: Vec<u32> = m.l1_used.iter().collect();
-        // 1. No references left once the L1 entries are cleared (durably).
-        for &i in &used {
-            m.l1[i as usize] = 0;
-            let off = m.h.l1_table_offset + i as u64 * 8;
-            self.swrite(&mut m, &[0u8; 8], off, "L1 entry write")?;
+        if used.len() > 64 {
+            for &i in &used {
+                m.l1[i as usize] = 0;
+            }
+            self.write_l1(&mut m)?;
+        } else {
+            for &i in &used {
+                m.l1[i as usize] = 0;
+                let off = m.h.l1_table_offset + i as u64 * 8;
+                self.swrite(&mut m, &[0u8; 8], off, "L1 entry write")?;
+            }
         }
         m.l1_used.clear();
         m.l1_dirty = false;
-        self.sflush()?;
-        // Every cached L2 table is clean (flushed above) and now unreferenced.
+        // 2. Every cached L2 table (dirty ones included: never written, now
+        // unreferenced) goes; every cluster but the header, L1 and refcount
+        // structures gets refcount 0 in the cache (written at the next
+        // flush; the dirty bit covers a crash before it), pending decrements
+        // included.
         m.l2.clear();
-        // 2. Then their refcounts, in the cache: they reach the disk at the
-        // next flush (the dirty bit covers a crash before that). The flush
-        // above already made the freeing durable, so the clusters may be reused.
         let keep = self.metadata_clusters(&m)?;
         let freed = self.drop_refcounts_except(&mut m, &keep)?;
-        // 3. Shrink the file to the metadata left, punch holes below it.
-        let cs = self.cs();
-        let keep_end = keep.max().map_or(1, |c| c + 1);
-        let mut in_use_below: RoaringTreemap = RoaringTreemap::new();
+        m.pending_decref.clear();
+        // 3. Not reused, punched or cut off before the next flush has made
+        // the cleared entries durable (`reclaim_quarantine`).
         for c in freed {
-            if c < keep_end {
-                in_use_below.insert(c);
-            }
+            m.quarantine.insert(c);
         }
+        Ok(())
+    }
+
+    /// After a completed flush: clusters a make_empty dropped become free;
+    /// a free tail longer than `MAKE_EMPTY_KEEP_TAIL` is cut off the file
+    /// and the dropped clusters below the new end are punched out, so the
+    /// file stays small. Nothing references these clusters on the disk any
+    /// more, so neither needs a flush of its own.
+    fn reclaim_quarantine(&self, m: &mut Meta) -> Result<()> {
+        if m.quarantine.is_empty() {
+            return Ok(());
+        }
+        let dropped = std::mem::take(&mut m.quarantine);
+        m.free |= &dropped;
+        let cs = self.cs();
         let cur_end = m.end_cluster;
-        for c in in_use_below.iter() {
-            m.free.insert(c);
-            let _ = self.storage.discard(c << self.cluster_bits, cs);
+        let mut new_end = cur_end;
+        while new_end > 1 && m.free.contains(new_end - 1) {
+            new_end -= 1;
         }
-        if cur_end > keep_end && (cur_end - keep_end) * cs <= MAKE_EMPTY_KEEP_TAIL {
+        if cur_end > new_end && (cur_end - new_end) * cs > MAKE_EMPTY_KEEP_TAIL {
+            m.free.remove_range(new_end..);
+            self.shrink_file(m, new_end << self.cluster_bits)?;
+            m.end_cluster = new_end;
+        } else {
             // A small tail stays as free clusters for the next writes: a
             // truncate costs more than the space (see MAKE_EMPTY_KEEP_TAIL).
-            m.free.insert_range(keep_end..cur_end);
-        } else if cur_end > keep_end {
-            m.free.remove_range(keep_end..);
-            self.shrink_file(&mut m, keep_end << self.cluster_bits)?;
-            m.end_cluster = keep_end;
+            new_end = cur_end;
         }
-        // No flush needed for the truncation and holes: nothing references
-        // those clusters any more, and the next flush makes them durable.
+        // Holes, one per run of dropped clusters below the end.
+        let mut run: Option<(u64, u64)> = None;
+        for c in dropped.iter().take_while(|&c| c < new_end) {
+            run = match run {
+                Some((s, e)) if e == c => Some((s, c + 1)),
+                Some((s, e)) => {
+                    let _ = self
+                        .storage
+                        .discard(s << self.cluster_bits, (e - s) << self.cluster_bits);
+                    Some((c, c + 1))
+                }
+                None => Some((c, c + 1)),
+            };
+        }
+        if let Some((s, e)) = run {
+            let _ = self
+                .storage
+                .discard(s << self.cluster_bits, (e - s) << self.cluster_bits);
+        }
         Ok(())
     }
 
