@@ -1213,30 +1213,107 @@ impl<S: Storage> Qcow2<S> {
 
     /// Write `buf` at `offset`. Newly allocated clusters get the bytes the
     /// write does not cover from the old cluster, the backing, or zeros.
+    ///
+    /// Clusters whose host clusters follow each other (already allocated in
+    /// place, or whole clusters allocated in a row) are written with one
+    /// positional write per contiguous host run; their L2 entries are set
+    /// only after that write succeeded, as for a single cluster.
     pub fn write(&self, offset: u64, buf: &[u8], backing: Option<&dyn BackingRead>) -> Result<()> {
         self.check_writable()?;
-        {
-            let m = self.meta.lock();
-            self.check_range(&m, offset, buf.len() as u64)?;
-        }
+        let mut m = self.meta.lock();
+        self.check_range(&m, offset, buf.len() as u64)?;
         let cs = self.cs();
+        let mut run = Run::default();
         let mut done = 0usize;
         while done < buf.len() {
             let pos = offset + done as u64;
             let in_cl = pos % cs;
             let n = ((cs - in_cl) as usize).min(buf.len() - done);
-            let chunk = &buf[done..done + n];
-            let mut m = self.meta.lock();
-            if let Entry::Data(h, true) = self.entry(&mut m, pos)? {
-                // In place: no metadata change; data I/O outside the lock.
-                drop(m);
-                self.storage
-                    .write_at(chunk, h + in_cl)
-                    .map_err(io_err("data write", h + in_cl))?;
-            } else {
-                self.write_slow(&mut m, pos, chunk, backing)?;
+            let cl = pos >> self.cluster_bits;
+            let l1i = cl / self.l2_entries();
+            // A run stays inside one L2 table, which every cluster of the run
+            // has already loaded: nothing below can evict it (and so write it
+            // out) before the run's data is on disk.
+            if run.len > 0 && run.l1i != l1i {
+                self.run_flush(&mut m, &mut run, buf)?;
+            }
+            let old = self.entry(&mut m, pos)?;
+            let (host, pending) = match old {
+                Entry::Data(h, true) => (h + in_cl, None),
+                Entry::Compressed => (0, None),
+                _ if n as u64 == cs => {
+                    let l2_off = self.ensure_l2(&mut m, cl)?;
+                    let (target, decref) = match old {
+                        Entry::Zero(Some(h), true) => (h, None),
+                        _ => {
+                            let h = self.alloc_cluster(&mut m)? << self.cluster_bits;
+                            let dec = match old {
+                                Entry::Data(o, false) | Entry::Zero(Some(o), false) => Some(o),
+                                _ => None,
+                            };
+                            (h, dec)
+                        }
+                    };
+                    let idx = cl % self.l2_entries();
+                    (target, Some((l2_off, idx, target, decref)))
+                }
+                _ => (0, None),
+            };
+            let batchable = matches!(old, Entry::Data(_, true)) || pending.is_some();
+            if !batchable {
+                // Partial cluster needing copy-on-write, or an error to report.
+                self.run_flush(&mut m, &mut run, buf)?;
+                self.write_slow(&mut m, pos, &buf[done..done + n], backing)?;
+                done += n;
+                continue;
+            }
+            if run.len > 0 && run.host + run.len as u64 != host {
+                self.run_flush(&mut m, &mut run, buf)?;
+            }
+            if run.len == 0 {
+                run.host = host;
+                run.buf_off = done;
+                run.l1i = l1i;
+            }
+            run.len += n;
+            if let Some(p) = pending {
+                run.pending.push(p);
             }
             done += n;
+        }
+        self.run_flush(&mut m, &mut run, buf)
+    }
+
+    /// Write the data of `run` with one positional write, then point the L2
+    /// entries of its newly placed clusters at it.
+    fn run_flush(
+        &self,
+        m: &mut parking_lot::MutexGuard<'_, Meta>,
+        run: &mut Run,
+        buf: &[u8],
+    ) -> Result<()> {
+        if run.len == 0 {
+            return Ok(());
+        }
+        let data = &buf[run.buf_off..run.buf_off + run.len];
+        let host = run.host;
+        run.len = 0;
+        if run.pending.is_empty() {
+            // In place only: no metadata change; data I/O outside the lock.
+            parking_lot::MutexGuard::unlocked(m, || {
+                self.storage
+                    .write_at(data, host)
+                    .map_err(io_err("data write", host))
+            })?;
+            return Ok(());
+        }
+        let pending = std::mem::take(&mut run.pending);
+        self.swrite(m, data, host, "data write")?;
+        for (l2_off, idx, target, decref) in pending {
+            self.l2_set(m, l2_off, idx, target | COPIED)?;
+            if let Some(o) = decref {
+                m.pending_decref.push(o >> self.cluster_bits);
+            }
         }
         Ok(())
     }
@@ -2027,6 +2104,22 @@ impl<S: Storage> Qcow2<S> {
         }
         Ok(())
     }
+}
+
+/// Contiguous host bytes [`Qcow2::write`] gathers before writing them at once.
+#[derive(Default)]
+struct Run {
+    /// Host offset of the first byte.
+    host: u64,
+    /// Offset of the first byte in the caller's buffer.
+    buf_off: usize,
+    /// Bytes gathered.
+    len: usize,
+    /// L1 index of the one L2 table the run's clusters share.
+    l1i: u64,
+    /// (L2 table, entry index, host cluster, old cluster to release) of the
+    /// clusters newly placed, set once the data is written.
+    pending: Vec<(u64, u64, u64, Option<u64>)>,
 }
 
 fn read_backing(backing: Option<&dyn BackingRead>, offset: u64, buf: &mut [u8]) -> Result<()> {

@@ -35,6 +35,81 @@ pub struct CommitArgs {
 
 const CHUNK: u64 = 2 << 20;
 
+/// Chunks read ahead of the writer (each holds one `CHUNK` buffer).
+const QUEUE: usize = 4;
+
+/// One piece of the copy, in offset order.
+enum Piece {
+    /// `len` bytes at `pos` read as zeros in the layers above the base.
+    Zero { pos: u64, len: u64 },
+    /// Data read from the layers above the base.
+    Data { pos: u64, buf: Vec<u8> },
+}
+
+/// Copy what the layers above `base_idx` hold into it. A reader thread walks
+/// the block status and reads ahead (skipping what the upper layers do not
+/// hold) while this thread writes into the base, so reading and writing
+/// overlap; buffers go back to the reader for reuse. The reader only ever
+/// reads ranges the upper layers hold, which the writer never touches in
+/// them, and the writer writes each range once, in order.
+fn copy_into(chain: &Chain, base_idx: usize, size: u64) -> Result<(), ImgError> {
+    let (tx, rx) = crossbeam_channel::bounded::<Result<Piece, ImgError>>(QUEUE);
+    let (back_tx, back_rx) = crossbeam_channel::bounded::<Vec<u8>>(QUEUE + 2);
+    std::thread::scope(|s| {
+        s.spawn(move || {
+            let mut pos = 0u64;
+            while pos < size {
+                let want = (size - pos).min(CHUNK);
+                let piece = chain.status_range(0, base_idx, pos, want).and_then(|st| {
+                    let n = st.len.clamp(1, want);
+                    Ok((
+                        n,
+                        match (st.present, st.zero) {
+                            (false, _) => None,
+                            (true, true) => Some(Piece::Zero { pos, len: n }),
+                            (true, false) => {
+                                let mut buf = back_rx
+                                    .try_recv()
+                                    .unwrap_or_else(|_| Vec::with_capacity(CHUNK as usize));
+                                buf.resize(n as usize, 0);
+                                chain.read(pos, &mut buf)?;
+                                Some(Piece::Data { pos, buf })
+                            }
+                        },
+                    ))
+                });
+                match piece {
+                    Ok((n, p)) => {
+                        if let Some(p) = p {
+                            if tx.send(Ok(p)).is_err() {
+                                return; // the writer stopped on an error
+                            }
+                        }
+                        pos += n;
+                    }
+                    Err(e) => {
+                        let _ = tx.send(Err(e));
+                        return;
+                    }
+                }
+            }
+        });
+        // Dropping `rx` on an error (leaving this closure, before the scope
+        // joins the reader) makes the reader's next send fail, so it stops.
+        let rx = rx;
+        for piece in rx.iter() {
+            match piece? {
+                Piece::Zero { pos, len } => chain.zero_at_layer(base_idx, pos, len)?,
+                Piece::Data { pos, buf } => {
+                    chain.write_at_layer(base_idx, pos, &buf)?;
+                    let _ = back_tx.try_send(buf);
+                }
+            }
+        }
+        Ok(())
+    })
+}
+
 fn same_file(a: &Path, b: &Path) -> bool {
     match (std::fs::canonicalize(a), std::fs::canonicalize(b)) {
         (Ok(x), Ok(y)) => x == y,
@@ -106,23 +181,7 @@ fn run_inner(a: &CommitArgs) -> Result<(), ImgError> {
             })?,
         }
     }
-    let mut buf = vec![0u8; CHUNK as usize];
-    let mut pos = 0u64;
-    while pos < size {
-        let want = (size - pos).min(CHUNK);
-        let st = chain.status_range(0, base_idx, pos, want)?;
-        let n = st.len.clamp(1, want);
-        if st.present {
-            if st.zero {
-                chain.zero_at_layer(base_idx, pos, n)?;
-            } else {
-                let b = &mut buf[..n as usize];
-                chain.read(pos, b)?;
-                chain.write_at_layer(base_idx, pos, b)?;
-            }
-        }
-        pos += n;
-    }
+    copy_into(&chain, base_idx, size)?;
     chain.close()?;
     if !drop_top {
         if let Backend::Qcow2(q) = &chain.layers[0].backend {
