@@ -14,10 +14,13 @@
 //! (required, 1..=N), `read-pattern` (`quorum` default, `fifo`),
 //! `rewrite-corrupted` (bool, `quorum` pattern only: write the winning version
 //! back to children that differed), `blkverify` (only false), and our
-//! `x-parallel-writes` (bool, default false): write to all children at once from
-//! scoped helper threads instead of one after another (hides a slow child's
-//! latency, e.g. NBD; the one-order guarantee holds either way because
-//! overlapping writes are serialised in the quorum node).
+//! `x-parallel-writes` (bool, default true, as QEMU's quorum issues its
+//! children's writes together): write to all children at once (the first
+//! child on the calling thread, the others on scoped helper threads), so a
+//! slow child (the primary's NBD link to the secondary) costs its own
+//! latency, not the sum; `false` writes them one after another. The
+//! one-order guarantee holds either way because overlapping writes are
+//! serialised in the quorum node.
 
 use crate::driver::{Driver, Role, WriteFlags, ZeroFlags};
 use crate::error::{Error, ErrorKind, Result};
@@ -87,7 +90,7 @@ impl Quorum {
         }
         let fifo = o.take_enum("read-pattern", &["quorum", "fifo"])?.as_deref() == Some("fifo");
         let rewrite = o.take_bool("rewrite-corrupted")?.unwrap_or(false);
-        let parallel = o.take_bool("x-parallel-writes")?.unwrap_or(false);
+        let parallel = o.take_bool("x-parallel-writes")?.unwrap_or(true);
         if rewrite && fifo {
             return Err(Error::invalid(
                 "driver 'quorum': 'rewrite-corrupted' needs read-pattern 'quorum'",
@@ -183,7 +186,7 @@ impl Quorum {
         let results: Vec<Result<()>> = if self.parallel && kids.len() > 1 {
             std::thread::scope(|s| {
                 let op = &op;
-                let hs: Vec<_> = kids
+                let hs: Vec<_> = kids[1..]
                     .iter()
                     .map(|k| {
                         s.spawn(move || {
@@ -193,12 +196,13 @@ impl Quorum {
                         })
                     })
                     .collect();
-                hs.into_iter()
-                    .map(|h| {
+                let first = op(&kids[0]);
+                std::iter::once(first)
+                    .chain(hs.into_iter().map(|h| {
                         h.join().unwrap_or_else(|_| {
                             Err(Error::new(ErrorKind::Io, "quorum child request panicked"))
                         })
-                    })
+                    }))
                     .collect()
             })
         } else {

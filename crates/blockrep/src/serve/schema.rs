@@ -56,7 +56,8 @@ pub const TYPES: &str = r#"
 { 'enum': 'QuorumReadPattern', 'data': [ 'quorum', 'fifo' ] }
 { 'struct': 'BlockdevOptionsQuorum',
   'data': { '*blkverify': 'bool', 'children': [ 'BlockdevRef' ], 'vote-threshold': 'int',
-            '*rewrite-corrupted': 'bool', '*read-pattern': 'QuorumReadPattern' } }
+            '*rewrite-corrupted': 'bool', '*read-pattern': 'QuorumReadPattern',
+            '*x-parallel-writes': 'bool' } }
 { 'enum': 'ReplicationMode', 'data': [ 'primary', 'secondary' ] }
 { 'struct': 'BlockdevOptionsReplication', 'base': 'BlockdevOptionsGenericFormat',
   'data': { 'mode': 'ReplicationMode', '*top-id': 'str' } }
