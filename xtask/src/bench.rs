@@ -723,6 +723,49 @@ impl Harness {
         }
     }
 
+    /// A daemon (in `dir`) exporting a pre-filled qcow2 secondary disk of
+    /// `size` bytes as node `node`, writable, over a unix socket as export
+    /// `export`: the daemon, its QMP connection and the export's URI.
+    fn serve_prefilled(
+        &self,
+        dir: &Path,
+        size: u64,
+        node: &str,
+        export: &str,
+    ) -> Result<(Servers, Qmp, String), String> {
+        let sec = dir.join("secondary.qcow2");
+        self.prefilled(&sec, size)?;
+        let qmp_path = dir.join("serve.qmp");
+        let mut servers = self.spawn_serve(&qmp_path, &dir.join("serve.log"))?;
+        let sock = dir.join("nbd.sock");
+        let uri = format!("nbd+unix:///{export}?socket={}", sock.display());
+        let q = (|| {
+            let mut q = Qmp::connect(&qmp_path)?;
+            q.ok(
+                "blockdev-add",
+                json!({"driver": "qcow2", "node-name": node,
+                       "file": {"driver": "file", "filename": sec}}),
+            )?;
+            q.ok(
+                "nbd-server-start",
+                json!({"addr": {"type": "unix", "data": {"path": sock}}}),
+            )?;
+            q.ok(
+                "nbd-server-add",
+                json!({"device": node, "name": export, "writable": true}),
+            )?;
+            wait_nbd(&uri)?;
+            Ok::<Qmp, String>(q)
+        })();
+        match q {
+            Ok(q) => Ok((servers, q, uri)),
+            Err(e) => {
+                servers.stop();
+                Err(e)
+            }
+        }
+    }
+
     /// Starts `blockrep serve` on `qmp_path`, its stderr going to `log_path`;
     /// the returned `Servers` kills it when dropped.
     fn spawn_serve(&self, qmp_path: &Path, log_path: &Path) -> Result<Servers, String> {
@@ -748,37 +791,8 @@ impl Harness {
         let size = if self.quick { 32 * MIB } else { 256 * MIB };
         let dir = self.work.join("cbw");
         std::fs::create_dir_all(&dir).map_err(|e| e.to_string())?;
-        let sec = dir.join("secondary.qcow2");
-        self.prefilled(&sec, size)?;
-        let qmp_path = dir.join("serve.qmp");
-        let mut servers = self.spawn_serve(&qmp_path, &dir.join("serve.log"))?;
-        let sock = dir.join("nbd.sock");
-        let uri = format!("nbd+unix:///disk0?socket={}", sock.display());
-        let q = (|| {
-            let mut q = Qmp::connect(&qmp_path)?;
-            q.ok(
-                "blockdev-add",
-                json!({"driver": "qcow2", "node-name": "sec",
-                       "file": {"driver": "file", "filename": sec}}),
-            )?;
-            q.ok(
-                "nbd-server-start",
-                json!({"addr": {"type": "unix", "data": {"path": sock}}}),
-            )?;
-            q.ok(
-                "nbd-server-add",
-                json!({"device": "sec", "name": "disk0", "writable": true}),
-            )?;
-            wait_nbd(&uri)?;
-            Ok::<Qmp, String>(q)
-        })();
-        let q = match q {
-            Ok(q) => std::cell::RefCell::new(q),
-            Err(e) => {
-                servers.stop();
-                return Err(e);
-            }
-        };
+        let (mut servers, q, uri) = self.serve_prefilled(&dir, size, "sec", "disk0")?;
+        let q = std::cell::RefCell::new(q);
         let job_up = std::cell::Cell::new(false);
         let copied_min = std::cell::Cell::new(0u64);
         let hidden = dir.join("hidden.qcow2");

@@ -361,37 +361,8 @@ impl Harness {
         let dir = self.work.join("rewrite");
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir).map_err(|e| e.to_string())?;
-        let sec = dir.join("secondary.qcow2");
-        self.prefilled(&sec, size)?;
-        let qmp_path = dir.join("serve.qmp");
-        let mut servers = self.spawn_serve(&qmp_path, &dir.join("serve.log"))?;
-        let sock = dir.join("nbd.sock");
-        let uri = format!("nbd+unix:///sec?socket={}", sock.display());
-        let q = (|| {
-            let mut q = Qmp::connect(&qmp_path)?;
-            q.ok(
-                "blockdev-add",
-                json!({"driver": "qcow2", "node-name": "sec-disk",
-                       "file": {"driver": "file", "filename": sec}}),
-            )?;
-            q.ok(
-                "nbd-server-start",
-                json!({"addr": {"type": "unix", "data": {"path": sock}}}),
-            )?;
-            q.ok(
-                "nbd-server-add",
-                json!({"device": "sec-disk", "name": "sec", "writable": true}),
-            )?;
-            wait_nbd(&uri)?;
-            Ok::<Qmp, String>(q)
-        })();
-        let q = match q {
-            Ok(q) => RefCell::new(q),
-            Err(e) => {
-                servers.stop();
-                return Err(e);
-            }
-        };
+        let (mut servers, q, uri) = self.serve_prefilled(&dir, size, "sec-disk", "sec")?;
+        let q = RefCell::new(q);
         let hidden = dir.join("hidden.qcow2");
         let job_up = Cell::new(false);
         let stop_job = || -> Result<(), String> {
