@@ -723,6 +723,36 @@ impl Harness {
         }
     }
 
+    /// A backup job `job` (sync=none, as COLO's secondary) from `source`
+    /// into a fresh qcow2 `hidden` disk of `size` bytes backed by it.
+    fn start_backup(
+        &self,
+        q: &mut Qmp,
+        hidden: &Path,
+        size: u64,
+        source: &str,
+        job: &str,
+    ) -> Result<(), String> {
+        let _ = std::fs::remove_file(hidden);
+        run_ok(
+            self.qemu_img()
+                .args(["create", "-q", "-f", "qcow2", "-o", "cluster_size=65536"])
+                .arg(hidden)
+                .arg(size.to_string()),
+        )?;
+        q.ok(
+            "blockdev-add",
+            json!({"driver": "qcow2", "node-name": "hidden",
+                   "file": {"driver": "file", "filename": hidden},
+                   "backing": source}),
+        )?;
+        q.ok(
+            "blockdev-backup",
+            json!({"device": source, "target": "hidden", "sync": "none", "job-id": job}),
+        )?;
+        Ok(())
+    }
+
     /// A daemon (in `dir`) exporting a pre-filled qcow2 secondary disk of
     /// `size` bytes as node `node`, writable, over a unix socket as export
     /// `export`: the daemon, its QMP connection and the export's URI.
@@ -861,25 +891,7 @@ impl Harness {
                 };
                 let mut ours = || {
                     clean()?;
-                    let _ = std::fs::remove_file(&hidden);
-                    run_ok(
-                        self.qemu_img()
-                            .args(["create", "-q", "-f", "qcow2", "-o", "cluster_size=65536"])
-                            .arg(&hidden)
-                            .arg(size.to_string()),
-                    )?;
-                    let mut q = q.borrow_mut();
-                    q.ok(
-                        "blockdev-add",
-                        json!({"driver": "qcow2", "node-name": "hidden",
-                               "file": {"driver": "file", "filename": hidden},
-                               "backing": "sec"}),
-                    )?;
-                    q.ok(
-                        "blockdev-backup",
-                        json!({"device": "sec", "target": "hidden", "sync": "none",
-                               "job-id": "cbw"}),
-                    )?;
+                    self.start_backup(&mut q.borrow_mut(), &hidden, size, "sec", "cbw")?;
                     job_up.set(true);
                     Ok(bench())
                 };

@@ -25,7 +25,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
 
-use super::{run_ok, show, wait_nbd, Harness, Missing, Qmp, Row, Servers, KIB, MIB};
+use super::{show, wait_nbd, Harness, Missing, Qmp, Row, Servers, KIB, MIB};
 
 /// Figure name of the primary rows (its target is 0.8).
 pub(super) const PRIMARY: &str =
@@ -408,27 +408,7 @@ impl Harness {
                 };
                 let mut ours = || {
                     stop_job()?;
-                    let _ = std::fs::remove_file(&hidden);
-                    run_ok(
-                        self.qemu_img()
-                            .args(["create", "-q", "-f", "qcow2", "-o", "cluster_size=65536"])
-                            .arg(&hidden)
-                            .arg(size.to_string()),
-                    )?;
-                    {
-                        let mut q = q.borrow_mut();
-                        q.ok(
-                            "blockdev-add",
-                            json!({"driver": "qcow2", "node-name": "hidden",
-                                   "file": {"driver": "file", "filename": hidden},
-                                   "backing": "sec-disk"}),
-                        )?;
-                        q.ok(
-                            "blockdev-backup",
-                            json!({"device": "sec-disk", "target": "hidden", "sync": "none",
-                                   "job-id": "rw"}),
-                        )?;
-                    }
+                    self.start_backup(&mut q.borrow_mut(), &hidden, size, "sec-disk", "rw")?;
                     job_up.set(true);
                     // Untimed: every cluster of the region is copied once.
                     first_pass(0x51)?;
