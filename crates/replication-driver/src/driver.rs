@@ -542,7 +542,6 @@ impl Shared {
         };
         if ended && run.backup_active.load(Ordering::Acquire) {
             let msg = "Backup job was cancelled unexpectedly".to_string();
-            self.record_error(msg.clone());
             // From now on forwarded writes land without copy-before-write:
             // the hidden disk can no longer restore the checkpoint state.
             self.set_invalid(
@@ -552,6 +551,9 @@ impl Shared {
                 false,
             );
             self.teardown(run, true);
+            // Recorded last, so that whoever sees this error also sees the
+            // blockers and extra children gone.
+            self.record_error(msg.clone());
             return Err(self.err(ErrorKind::BackupCancelled, msg));
         }
         if ended {

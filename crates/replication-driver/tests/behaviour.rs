@@ -506,7 +506,14 @@ fn backup_job_ending_unexpectedly_is_an_error() {
     job.wait();
     // The watcher records the error and undoes start (blockers, children).
     let deadline = std::time::Instant::now() + Duration::from_secs(10);
-    while s.repl.get_error().is_ok() && std::time::Instant::now() < deadline {
+    // The buffers are marked invalid first; the error is recorded once the
+    // clean-up is done.
+    while !s
+        .repl
+        .get_error()
+        .is_err_and(|e| e.to_string().contains("cancelled unexpectedly"))
+        && std::time::Instant::now() < deadline
+    {
         std::thread::sleep(Duration::from_millis(5));
     }
     let e = s.repl.get_error().unwrap_err();
