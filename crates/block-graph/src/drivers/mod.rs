@@ -1,6 +1,7 @@
 //! The built-in drivers.
 
 pub mod blkdebug;
+mod fanout;
 pub mod file;
 pub mod memory;
 pub mod null;

@@ -16,12 +16,15 @@
 //! back to children that differed), `blkverify` (only false), and our
 //! `x-parallel-writes` (bool, default true, as QEMU's quorum issues its
 //! children's writes together): write to all children at once (the first
-//! child on the calling thread, the others on scoped helper threads), so a
+//! child on the calling thread, the others on long-lived helper threads), so a
 //! slow child (the primary's NBD link to the secondary) costs its own
 //! latency, not the sum; `false` writes them one after another. The
 //! one-order guarantee holds either way because overlapping writes are
 //! serialised in the quorum node.
 
+use std::sync::Arc;
+
+use super::fanout;
 use crate::driver::{Driver, Role, WriteFlags, ZeroFlags};
 use crate::error::{Error, ErrorKind, Result};
 use crate::graph::{GraphEvent, OpenContext};
@@ -53,6 +56,9 @@ pub struct QuorumReport {
     /// The error message, if any.
     pub error: Option<String>,
 }
+
+/// A child request run on a fan-out thread: owns what it needs.
+type RemoteOp = Arc<dyn Fn(&NodeRef) -> Result<()> + Send + Sync>;
 
 /// The `quorum` driver.
 pub struct Quorum {
@@ -173,38 +179,63 @@ impl Quorum {
         r.push(rep);
     }
 
-    /// Runs `op` on every child in order; succeeds if at least threshold do.
+    /// Runs the request on every child; succeeds if at least threshold do.
+    /// `op` serves the first child on the calling thread (and every child
+    /// when they are written one after another); with `x-parallel-writes`
+    /// the others get `remote()`, an owned copy of the request, on the
+    /// fan-out helper threads, all at once.
     fn all(
         &self,
         node: &Node,
         what: &str,
         offset: u64,
         len: u64,
-        op: impl Fn(&NodeRef) -> Result<()> + Sync,
+        op: impl Fn(&NodeRef) -> Result<()>,
+        remote: impl FnOnce() -> RemoteOp,
     ) -> Result<()> {
         let kids = kids(node);
         let results: Vec<Result<()>> = if self.parallel && kids.len() > 1 {
-            std::thread::scope(|s| {
-                let op = &op;
-                let hs: Vec<_> = kids[1..]
-                    .iter()
-                    .map(|k| {
-                        s.spawn(move || {
-                            // Part of the quorum request already admitted.
-                            let _n = NestedScope::enter();
-                            op(k)
-                        })
-                    })
-                    .collect();
-                let first = op(&kids[0]);
-                std::iter::once(first)
-                    .chain(hs.into_iter().map(|h| {
-                        h.join().unwrap_or_else(|_| {
+            let rop = remote();
+            let (tx, rx) = crossbeam_channel::bounded(kids.len() - 1);
+            let mut pending = Vec::with_capacity(kids.len() - 1);
+            for (i, k) in kids.iter().enumerate().skip(1) {
+                let (k, rop, tx) = (k.clone(), rop.clone(), tx.clone());
+                let job = Box::new(move || {
+                    // Part of the quorum request already admitted.
+                    let _n = NestedScope::enter();
+                    let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| rop(&k)))
+                        .unwrap_or_else(|_| {
                             Err(Error::new(ErrorKind::Io, "quorum child request panicked"))
-                        })
-                    }))
-                    .collect()
-            })
+                        });
+                    let _ = tx.send((i, r));
+                });
+                if let Err(e) = fanout::run(job) {
+                    pending.push((
+                        i,
+                        Err(Error::new(
+                            ErrorKind::Io,
+                            format!("cannot start a thread for the quorum child request: {e}"),
+                        )),
+                    ));
+                }
+            }
+            drop(tx);
+            let first = op(&kids[0]);
+            let mut out: Vec<Option<Result<()>>> = (0..kids.len()).map(|_| None).collect();
+            out[0] = Some(first);
+            for (i, r) in pending {
+                out[i] = Some(r);
+            }
+            // Every job sends exactly once (panics are caught), so this
+            // ends when the last child has answered.
+            for (i, r) in rx.iter() {
+                out[i] = Some(r);
+            }
+            out.into_iter()
+                .map(|r| {
+                    r.unwrap_or_else(|| Err(Error::new(ErrorKind::Io, "quorum child request lost")))
+                })
+                .collect()
         } else {
             kids.iter().map(op).collect()
         };
@@ -380,23 +411,50 @@ impl Driver for Quorum {
     }
 
     fn write(&self, node: &Node, offset: u64, buf: &[u8], flags: WriteFlags) -> Result<()> {
-        self.all(node, "write", offset, buf.len() as u64, |k| {
-            k.write(offset, buf, flags)
-        })
+        self.all(
+            node,
+            "write",
+            offset,
+            buf.len() as u64,
+            |k| k.write(offset, buf, flags),
+            || {
+                let data: Arc<[u8]> = Arc::from(buf);
+                Arc::new(move |k: &NodeRef| k.write(offset, &data, flags))
+            },
+        )
     }
 
     fn flush(&self, node: &Node) -> Result<()> {
-        self.all(node, "flush", 0, 0, |k| k.flush())
+        self.all(
+            node,
+            "flush",
+            0,
+            0,
+            |k| k.flush(),
+            || Arc::new(|k| k.flush()),
+        )
     }
 
     fn discard(&self, node: &Node, offset: u64, len: u64) -> Result<()> {
-        self.all(node, "discard", offset, len, |k| k.discard(offset, len))
+        self.all(
+            node,
+            "discard",
+            offset,
+            len,
+            |k| k.discard(offset, len),
+            || Arc::new(move |k| k.discard(offset, len)),
+        )
     }
 
     fn write_zeroes(&self, node: &Node, offset: u64, len: u64, flags: ZeroFlags) -> Result<()> {
-        self.all(node, "write_zeroes", offset, len, |k| {
-            k.write_zeroes(offset, len, flags)
-        })
+        self.all(
+            node,
+            "write_zeroes",
+            offset,
+            len,
+            |k| k.write_zeroes(offset, len, flags),
+            || Arc::new(move |k| k.write_zeroes(offset, len, flags)),
+        )
     }
 
     fn serialise_writes(&self) -> bool {
