@@ -11,7 +11,7 @@
 //! requests are simply sent again.
 
 use std::collections::HashMap;
-use std::io::{BufReader, Read, Write};
+use std::io::{BufReader, IoSlice, Read, Write};
 use std::net::{Shutdown, TcpStream};
 use std::os::unix::net::UnixStream;
 use std::path::PathBuf;
@@ -19,7 +19,6 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use crossbeam_channel::{bounded, Sender};
 use parking_lot::{Condvar, Mutex};
 
 use crate::error::{ErrorKind, NbdError, Result};
@@ -144,6 +143,12 @@ impl Write for Sock {
             Sock::Unix(s) => s.write(buf),
         }
     }
+    fn write_vectored(&mut self, bufs: &[IoSlice<'_>]) -> std::io::Result<usize> {
+        match self {
+            Sock::Tcp(s) => s.write_vectored(bufs),
+            Sock::Unix(s) => s.write_vectored(bufs),
+        }
+    }
     fn flush(&mut self) -> std::io::Result<()> {
         Ok(())
     }
@@ -161,7 +166,59 @@ struct Pending {
     covered: u64,
     extents: Vec<Extent>,
     error: Option<NbdError>,
-    tx: Sender<Result<ReplyData>>,
+    slot: Arc<ReplySlot>,
+}
+
+impl Drop for Pending {
+    /// A request dropped unanswered (its connection went away) fails, so its
+    /// caller never waits forever; a delivered reply is not replaced.
+    fn drop(&mut self) {
+        self.slot.send(Err(NbdError::new(
+            ErrorKind::Disconnected,
+            "connection lost",
+        )));
+    }
+}
+
+/// Where one request's reply is handed from the reader thread to the caller.
+/// std's futex-based Mutex/Condvar (as in the server): a spin-and-yield
+/// channel cost sched_yield calls on every reply on a busy 2-core machine.
+#[derive(Default)]
+struct ReplySlot {
+    reply: std::sync::Mutex<Option<Result<ReplyData>>>,
+    ready: std::sync::Condvar,
+}
+
+impl ReplySlot {
+    /// Delivers `r` unless a reply was delivered already.
+    fn send(&self, r: Result<ReplyData>) {
+        let mut g = self
+            .reply
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if g.is_none() {
+            *g = Some(r);
+            drop(g);
+            self.ready.notify_one();
+        }
+    }
+
+    /// Waits for the reply.
+    fn recv(&self) -> Result<ReplyData> {
+        let mut g = self
+            .reply
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        loop {
+            if let Some(r) = g.take() {
+                return r;
+            }
+            g = self
+                .ready
+                .wait(g)
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+        }
+    }
 }
 
 struct Conn {
@@ -508,7 +565,7 @@ impl NbdClient {
                 offset,
                 len,
             };
-            let (tx, rx) = bounded(1);
+            let slot = Arc::new(ReplySlot::default());
             {
                 let mut p = conn.pending.lock();
                 let Some(map) = p.as_mut() else {
@@ -528,26 +585,21 @@ impl NbdClient {
                         covered: 0,
                         extents: Vec::new(),
                         error: None,
-                        tx,
+                        slot: slot.clone(),
                     },
                 );
             }
             let sent = {
                 let mut w = conn.writer.lock();
-                let h = req.encode();
-                if data.is_empty() {
-                    w.write_all(&h)
-                } else {
-                    w.write_all(&h).and_then(|_| w.write_all(data))
-                }
+                send_request(&mut w, &req.encode(), data)
             };
             if sent.is_err() {
                 // The reader sees the dead socket and fails our pending entry.
                 conn.kill();
             }
-            match rx.recv() {
-                Ok(Ok(r)) => return Ok(r),
-                Ok(Err(e)) if e.kind == ErrorKind::Disconnected => {
+            match slot.recv() {
+                Ok(r) => return Ok(r),
+                Err(e) if e.kind == ErrorKind::Disconnected => {
                     // Sent again on the next connection; a server that drops every
                     // connection while this request is in flight makes it fail.
                     lost += 1;
@@ -558,8 +610,7 @@ impl NbdClient {
                         ));
                     }
                 }
-                Ok(Err(e)) => return Err(e),
-                Err(_) => lost += 1,
+                Err(e) => return Err(e),
             }
         }
     }
@@ -741,6 +792,28 @@ impl Drop for NbdClient {
     }
 }
 
+/// Sends a request header and its payload in as few system calls as the
+/// socket takes (one, usually): a header sent alone wakes the server for a
+/// partial request.
+fn send_request(w: &mut Sock, header: &[u8], data: &[u8]) -> std::io::Result<()> {
+    let total = header.len() + data.len();
+    let mut sent = 0;
+    while sent < total {
+        let r = if sent < header.len() {
+            w.write_vectored(&[IoSlice::new(&header[sent..]), IoSlice::new(data)])
+        } else {
+            w.write(&data[sent - header.len()..])
+        };
+        match r {
+            Ok(0) => return Err(std::io::ErrorKind::WriteZero.into()),
+            Ok(n) => sent += n,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
+}
+
 fn make_conn(sock: Sock, info: ExportInfo) -> Result<Conn> {
     let w = sock.try_clone().map_err(net("clone socket"))?;
     let ctl = sock.try_clone().map_err(net("clone socket"))?;
@@ -762,12 +835,8 @@ fn reader_loop(inner: Arc<Inner>, mut conn: Arc<Conn>) {
         conn.kill();
         // Fail everything pending; callers retry on the next connection.
         if let Some(map) = conn.pending.lock().take() {
-            for (_, p) in map {
-                let _ = p.tx.send(Err(NbdError::new(
-                    ErrorKind::Disconnected,
-                    "connection lost",
-                )));
-            }
+            // Each dropped entry fails its caller (`Pending`'s drop).
+            drop(map);
         }
         {
             let mut st = inner.state.lock();
@@ -818,8 +887,8 @@ fn reader_loop(inner: Arc<Inner>, mut conn: Arc<Conn>) {
 
 fn complete(conn: &Conn, cookie: u64) {
     let p = conn.pending.lock().as_mut().and_then(|m| m.remove(&cookie));
-    if let Some(p) = p {
-        let r = match p.error {
+    if let Some(mut p) = p {
+        let r = match p.error.take() {
             Some(e) => Err(e),
             None => match p.req.cmd {
                 CMD_READ if p.covered != p.req.len as u64 && conn.info.structured => {
@@ -828,12 +897,12 @@ fn complete(conn: &Conn, cookie: u64) {
                         p.req.offset, p.req.len, p.covered
                     )))
                 }
-                CMD_READ => Ok(ReplyData::Data(p.buf)),
-                CMD_BLOCK_STATUS => Ok(ReplyData::Extents(p.extents)),
+                CMD_READ => Ok(ReplyData::Data(std::mem::take(&mut p.buf))),
+                CMD_BLOCK_STATUS => Ok(ReplyData::Extents(std::mem::take(&mut p.extents))),
                 _ => Ok(ReplyData::None),
             },
         };
-        let _ = p.tx.send(r);
+        p.slot.send(r);
     }
 }
 

@@ -12,49 +12,55 @@
 //! Jobs own what they use (`'static`): a write's data is shared with the job,
 //! never borrowed from the caller's stack.
 
-use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::OnceLock;
+use std::collections::VecDeque;
+use std::sync::{Condvar, Mutex, MutexGuard, OnceLock, PoisonError};
 use std::time::Duration;
-
-use crossbeam_channel::{Receiver, RecvTimeoutError, Sender};
 
 /// How long an idle helper waits for work before it exits.
 pub(crate) const IDLE_EXIT: Duration = Duration::from_secs(10);
 
 type Job = Box<dyn FnOnce() + Send + 'static>;
 
+// std's futex-based Mutex/Condvar, as the NBD server's hand-offs: they wake a
+// thread only when one waits, where spin-and-yield primitives cost
+// sched_yield storms on a busy 2-core machine.
+#[derive(Default)]
+struct State {
+    jobs: VecDeque<Job>,
+    /// Helpers waiting for a job.
+    idle: usize,
+}
+
+#[derive(Default)]
 struct Pool {
-    tx: Sender<Job>,
-    rx: Receiver<Job>,
-    /// Threads waiting on `rx` that no caller has claimed yet.
-    idle: AtomicUsize,
+    state: Mutex<State>,
+    ready: Condvar,
+}
+
+impl Pool {
+    fn lock(&self) -> MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(PoisonError::into_inner)
+    }
 }
 
 fn pool() -> &'static Pool {
     static POOL: OnceLock<Pool> = OnceLock::new();
-    POOL.get_or_init(|| {
-        let (tx, rx) = crossbeam_channel::unbounded();
-        Pool {
-            tx,
-            rx,
-            idle: AtomicUsize::new(0),
-        }
-    })
+    POOL.get_or_init(Pool::default)
 }
 
 /// Runs `job` on a helper thread: an idle one if there is one, else a new one.
 /// Fails only if no thread can be started.
 pub(crate) fn run(job: Job) -> std::io::Result<()> {
     let p = pool();
-    let claimed = p
-        .idle
-        .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| n.checked_sub(1))
-        .is_ok();
-    if claimed {
-        // A claimed idle thread is waiting on the channel (or exits only
-        // after giving the claim back, see `worker`), so the job is taken.
-        p.tx.send(job).expect("the pool holds its own receiver");
-        return Ok(());
+    {
+        let mut st = p.lock();
+        // Every queued job has an idle helper of its own.
+        if st.idle > st.jobs.len() {
+            st.jobs.push_back(job);
+            drop(st);
+            p.ready.notify_one();
+            return Ok(());
+        }
     }
     std::thread::Builder::new()
         .name("block-fanout".into())
@@ -67,26 +73,25 @@ pub(crate) fn run(job: Job) -> std::io::Result<()> {
 
 fn worker(p: &'static Pool) {
     loop {
-        p.idle.fetch_add(1, Ordering::AcqRel);
-        loop {
-            match p.rx.recv_timeout(IDLE_EXIT) {
-                Ok(job) => {
-                    job();
-                    break;
+        let job = {
+            let mut st = p.lock();
+            loop {
+                if let Some(j) = st.jobs.pop_front() {
+                    break j;
                 }
-                Err(RecvTimeoutError::Timeout) => {
-                    // Leave only if no caller has counted on this thread;
-                    // if one has, its job is on the way.
-                    if p.idle
-                        .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| n.checked_sub(1))
-                        .is_ok()
-                    {
-                        return;
-                    }
+                st.idle += 1;
+                let (g, wait) = p
+                    .ready
+                    .wait_timeout(st, IDLE_EXIT)
+                    .unwrap_or_else(PoisonError::into_inner);
+                st = g;
+                st.idle -= 1;
+                if wait.timed_out() && st.jobs.is_empty() {
+                    return;
                 }
-                Err(RecvTimeoutError::Disconnected) => return,
             }
-        }
+        };
+        job();
     }
 }
 
@@ -99,7 +104,7 @@ mod tests {
     fn jobs_run_and_threads_are_reused() {
         let ids = Arc::new(parking_lot::Mutex::new(Vec::new()));
         for i in 0..50u32 {
-            let (tx, rx) = crossbeam_channel::bounded(1);
+            let (tx, rx) = std::sync::mpsc::sync_channel(1);
             let ids = ids.clone();
             run(Box::new(move || {
                 ids.lock().push(std::thread::current().id());

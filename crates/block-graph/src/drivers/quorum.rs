@@ -23,6 +23,7 @@
 //! serialised in the quorum node.
 
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use super::fanout;
 use crate::driver::{Driver, Role, WriteFlags, ZeroFlags};
@@ -67,6 +68,8 @@ pub struct Quorum {
     rewrite: bool,
     parallel: bool,
     reports: Mutex<Vec<QuorumReport>>,
+    /// Recent request latency per child (node name, ns), for [`Quorum::fan_out`].
+    latency: Mutex<Vec<(String, u64)>>,
 }
 
 fn kids(node: &Node) -> Vec<NodeRef> {
@@ -122,6 +125,7 @@ impl Quorum {
             rewrite,
             parallel,
             reports: Mutex::new(Vec::new()),
+            latency: Mutex::new(Vec::new()),
         }))
     }
 
@@ -180,10 +184,10 @@ impl Quorum {
     }
 
     /// Runs the request on every child; succeeds if at least threshold do.
-    /// `op` serves the first child on the calling thread (and every child
-    /// when they are written one after another); with `x-parallel-writes`
-    /// the others get `remote()`, an owned copy of the request, on the
-    /// fan-out helper threads, all at once.
+    /// `op` serves one child on the calling thread (and every child when
+    /// they are written one after another); with `x-parallel-writes` the
+    /// others get `remote()`, an owned copy of the request, on the fan-out
+    /// helper threads, all at once.
     fn all(
         &self,
         node: &Node,
@@ -195,47 +199,7 @@ impl Quorum {
     ) -> Result<()> {
         let kids = kids(node);
         let results: Vec<Result<()>> = if self.parallel && kids.len() > 1 {
-            let rop = remote();
-            let (tx, rx) = crossbeam_channel::bounded(kids.len() - 1);
-            let mut pending = Vec::with_capacity(kids.len() - 1);
-            for (i, k) in kids.iter().enumerate().skip(1) {
-                let (k, rop, tx) = (k.clone(), rop.clone(), tx.clone());
-                let job = Box::new(move || {
-                    // Part of the quorum request already admitted.
-                    let _n = NestedScope::enter();
-                    let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| rop(&k)))
-                        .unwrap_or_else(|_| {
-                            Err(Error::new(ErrorKind::Io, "quorum child request panicked"))
-                        });
-                    let _ = tx.send((i, r));
-                });
-                if let Err(e) = fanout::run(job) {
-                    pending.push((
-                        i,
-                        Err(Error::new(
-                            ErrorKind::Io,
-                            format!("cannot start a thread for the quorum child request: {e}"),
-                        )),
-                    ));
-                }
-            }
-            drop(tx);
-            let first = op(&kids[0]);
-            let mut out: Vec<Option<Result<()>>> = (0..kids.len()).map(|_| None).collect();
-            out[0] = Some(first);
-            for (i, r) in pending {
-                out[i] = Some(r);
-            }
-            // Every job sends exactly once (panics are caught), so this
-            // ends when the last child has answered.
-            for (i, r) in rx.iter() {
-                out[i] = Some(r);
-            }
-            out.into_iter()
-                .map(|r| {
-                    r.unwrap_or_else(|| Err(Error::new(ErrorKind::Io, "quorum child request lost")))
-                })
-                .collect()
+            self.fan_out(&kids, op, remote())
         } else {
             kids.iter().map(op).collect()
         };
@@ -284,6 +248,140 @@ impl Quorum {
             Some(&err),
         );
         Err(err)
+    }
+}
+
+impl Quorum {
+    /// One request on every child at once. The child that has been slowest
+    /// lately runs on the calling thread: the others have usually answered
+    /// by the time it returns, so the caller rarely sleeps waiting for a
+    /// helper (on the primary that child is the NBD link to the secondary).
+    fn fan_out(
+        &self,
+        kids: &[NodeRef],
+        op: impl Fn(&NodeRef) -> Result<()>,
+        rop: RemoteOp,
+    ) -> Vec<Result<()>> {
+        let inline = self.slowest(kids);
+        let done = Arc::new(Collect::new(kids.len()));
+        for (i, k) in kids.iter().enumerate() {
+            if i == inline {
+                continue;
+            }
+            let (k, rop, done2) = (k.clone(), rop.clone(), done.clone());
+            let job = Box::new(move || {
+                // Part of the quorum request already admitted.
+                let _n = NestedScope::enter();
+                let t = Instant::now();
+                let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| rop(&k)))
+                    .unwrap_or_else(|_| {
+                        Err(Error::new(ErrorKind::Io, "quorum child request panicked"))
+                    });
+                done2.put(i, r, t.elapsed());
+            });
+            if let Err(e) = fanout::run(job) {
+                done.put(
+                    i,
+                    Err(Error::new(
+                        ErrorKind::Io,
+                        format!("cannot start a thread for the quorum child request: {e}"),
+                    )),
+                    Duration::ZERO,
+                );
+            }
+        }
+        let t = Instant::now();
+        let first = op(&kids[inline]);
+        done.put(inline, first, t.elapsed());
+        let (results, took) = done.wait();
+        self.note_latencies(kids, &took);
+        results
+    }
+
+    /// Index of the child with the highest recent request latency (0 if
+    /// none is known).
+    fn slowest(&self, kids: &[NodeRef]) -> usize {
+        let lat = self.latency.lock();
+        let mut best = (0, 0u64);
+        for (i, k) in kids.iter().enumerate() {
+            if let Some((_, l)) = lat.iter().find(|(n, _)| n == k.name()) {
+                if *l > best.1 {
+                    best = (i, *l);
+                }
+            }
+        }
+        best.0
+    }
+
+    /// Folds this request's per-child times into the moving averages
+    /// (weight 1/8), dropping children no longer attached.
+    fn note_latencies(&self, kids: &[NodeRef], took: &[Duration]) {
+        let mut lat = self.latency.lock();
+        lat.retain(|(n, _)| kids.iter().any(|k| k.name() == n));
+        for (k, t) in kids.iter().zip(took) {
+            let ns = u64::try_from(t.as_nanos()).unwrap_or(u64::MAX);
+            match lat.iter_mut().find(|(n, _)| n == k.name()) {
+                Some((_, l)) => *l = *l - *l / 8 + ns / 8,
+                None => lat.push((k.name().to_string(), ns)),
+            }
+        }
+    }
+}
+
+/// Per child: its result and how long it took; and how many have answered.
+type Answers = (Vec<Option<Result<()>>>, Vec<Duration>, usize);
+
+/// The answers of one fanned-out request, filled in by whichever thread ran
+/// each child.
+struct Collect {
+    state: std::sync::Mutex<Answers>,
+    cv: std::sync::Condvar,
+}
+
+impl Collect {
+    fn new(n: usize) -> Collect {
+        Collect {
+            state: std::sync::Mutex::new((
+                (0..n).map(|_| None).collect(),
+                vec![Duration::ZERO; n],
+                0,
+            )),
+            cv: std::sync::Condvar::new(),
+        }
+    }
+
+    fn put(&self, i: usize, r: Result<()>, took: Duration) {
+        let mut st = self
+            .state
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        st.0[i] = Some(r);
+        st.1[i] = took;
+        st.2 += 1;
+        drop(st);
+        self.cv.notify_one();
+    }
+
+    /// Waits until every child has answered (a job that could not start
+    /// answered at dispatch; a job that ran always answers, panics caught).
+    fn wait(&self) -> (Vec<Result<()>>, Vec<Duration>) {
+        let mut st = self
+            .state
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        while st.2 < st.0.len() {
+            st = self
+                .cv
+                .wait(st)
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+        }
+        let results = std::mem::take(&mut st.0)
+            .into_iter()
+            .map(|r| {
+                r.unwrap_or_else(|| Err(Error::new(ErrorKind::Io, "quorum child request lost")))
+            })
+            .collect();
+        (results, std::mem::take(&mut st.1))
     }
 }
 
