@@ -109,8 +109,15 @@ impl BackupJob {
                 ),
             ));
         }
-        source.check_op(BlockOp::BackupSource)?;
-        target.check_op(BlockOp::BackupTarget)?;
+        if Arc::ptr_eq(source, target) {
+            return Err(JobError::new(
+                ErrorKind::InvalidArgument,
+                format!(
+                    "backup: source and target are the same node '{}'",
+                    source.name()
+                ),
+            ));
+        }
         let cs = opts.cluster_size.unwrap_or(65536).max(65536);
         if !cs.is_power_of_two() {
             return Err(JobError::new(
@@ -118,6 +125,14 @@ impl BackupJob {
                 format!("backup: cluster size {cs} is not a power of two"),
             ));
         }
+        // every op on both nodes, until the job ends (dropped on error)
+        let blockers = crate::blockers::claim_nodes(
+            JobType::Backup,
+            &[
+                (source, BlockOp::BackupSource),
+                (target, BlockOp::BackupTarget),
+            ],
+        )?;
         register_drivers(graph);
         let filter = graph.add_node(&json!({
             "driver": CBW_DRIVER,
@@ -139,11 +154,6 @@ impl BackupJob {
             let _ = graph.remove_node(filter.name());
             return Err(e.into());
         }
-        let blockers = vec![
-            target.block_op(BlockOp::BackupTarget, "node is the target of a backup job"),
-            target.block_op(BlockOp::DriveDel, "node is the target of a backup job"),
-            source.block_op(BlockOp::BackupSource, "node is the source of a backup job"),
-        ];
         let drv = BackupDriver {
             graph: graph.clone(),
             filter: Some(filter.clone()),

@@ -261,18 +261,17 @@ impl CommitJob {
                 ),
             ));
         }
-        top.check_op(BlockOp::CommitSource)?;
-        base.check_op(BlockOp::CommitTarget)?;
+        // every op on top, the nodes between and base, until the job ends
+        let between = crate::blockers::intermediates(graph, top, Some(base));
+        let mut uses = vec![(top, BlockOp::CommitSource)];
+        uses.extend(between.iter().map(|n| (n, BlockOp::CommitTarget)));
+        uses.push((base, BlockOp::CommitTarget));
+        let blockers = crate::blockers::claim_nodes(JobType::Commit, &uses)?;
         let ro_queue = crate::graph_util::read_only_data_nodes(base);
         let restore_ro = !ro_queue.is_empty();
         if restore_ro {
             crate::graph_util::set_read_only(graph, &ro_queue, false)?;
         }
-        let blockers = vec![
-            top.block_op(BlockOp::CommitSource, "node is the top of a commit job"),
-            base.block_op(BlockOp::CommitTarget, "node is the base of a commit job"),
-            base.block_op(BlockOp::DriveDel, "node is the base of a commit job"),
-        ];
         let drv = CommitDriver {
             graph: graph.clone(),
             top: top.clone(),
@@ -421,8 +420,11 @@ impl StreamJob {
                 ),
             ));
         }
-        top.check_op(BlockOp::Stream)?;
-        let blockers = vec![top.block_op(BlockOp::Stream, "node is the top of a stream job")];
+        // every op on top and the nodes down to (excluding) base
+        let below = crate::blockers::intermediates(graph, top, base);
+        let mut uses = vec![(top, BlockOp::Stream)];
+        uses.extend(below.iter().map(|n| (n, BlockOp::Stream)));
+        let blockers = crate::blockers::claim_nodes(JobType::Stream, &uses)?;
         let drv = StreamDriver {
             graph: graph.clone(),
             top: top.clone(),

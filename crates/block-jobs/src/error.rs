@@ -20,6 +20,10 @@ pub enum ErrorKind {
     Cancelled,
     /// A graph change (filter insertion, node replacement) failed.
     Graph,
+    /// A node the job would use is blocked by another user (another job,
+    /// replication): QMP's "Node 'x' is busy: block device is in use by
+    /// block job: backup".
+    Busy,
     /// A node lacks a capability the job needs (e.g. changing a backing name).
     Unsupported,
 }
@@ -34,6 +38,7 @@ impl fmt::Display for ErrorKind {
             ErrorKind::Io => "I/O error",
             ErrorKind::Cancelled => "cancelled",
             ErrorKind::Graph => "graph change failed",
+            ErrorKind::Busy => "node busy",
             ErrorKind::Unsupported => "unsupported",
         })
     }

@@ -315,8 +315,6 @@ impl MirrorJob {
                 ),
             ));
         }
-        source.check_op(BlockOp::MirrorSource)?;
-        target.check_op(BlockOp::MirrorTarget)?;
         start_engine(manager, graph, source, target, Mode::Mirror, opts)
     }
 
@@ -352,8 +350,6 @@ impl MirrorJob {
                 ),
             ));
         }
-        active.check_op(BlockOp::CommitSource)?;
-        base.check_op(BlockOp::CommitTarget)?;
         start_engine(
             manager,
             graph,
@@ -413,6 +409,23 @@ fn start_engine(
             ),
         ));
     }
+    // every op on source, target and (active commit) the nodes between,
+    // until the job ends; dropped on error
+    let (job_type, between) = match mode {
+        Mode::Mirror => (JobType::Mirror, Vec::new()),
+        Mode::ActiveCommit => (
+            JobType::Commit,
+            crate::blockers::intermediates(graph, source, Some(target)),
+        ),
+    };
+    let (src_op, tgt_op) = match mode {
+        Mode::Mirror => (BlockOp::MirrorSource, BlockOp::MirrorTarget),
+        Mode::ActiveCommit => (BlockOp::CommitSource, BlockOp::CommitTarget),
+    };
+    let mut uses = vec![(source, src_op)];
+    uses.extend(between.iter().map(|n| (n, tgt_op)));
+    uses.push((target, tgt_op));
+    let blockers = crate::blockers::claim_nodes(job_type, &uses)?;
     let ro_queue = crate::graph_util::read_only_data_nodes(target);
     let restore_ro = !ro_queue.is_empty();
     if restore_ro {
@@ -448,15 +461,6 @@ fn start_engine(
         undo_ro(graph);
         return Err(e.into());
     }
-    let (src_op, tgt_op) = match mode {
-        Mode::Mirror => (BlockOp::MirrorSource, BlockOp::MirrorTarget),
-        Mode::ActiveCommit => (BlockOp::CommitSource, BlockOp::CommitTarget),
-    };
-    let blockers = vec![
-        source.block_op(src_op, "node is the source of a block job"),
-        target.block_op(tgt_op, "node is the target of a block job"),
-        target.block_op(BlockOp::DriveDel, "node is the target of a block job"),
-    ];
     let drv = MirrorDriver {
         graph: graph.clone(),
         source: source.clone(),

@@ -22,7 +22,7 @@ use std::time::Duration;
 
 use block_graph::{Backend, Graph, NodeRef, PermPair, Role, WriteFlags};
 use block_jobs::{
-    BackupJob, BackupOptions, BackupSync, JobManager, JobOptions, JobStatus, MirrorJob,
+    BackupJob, BackupOptions, BackupSync, ErrorKind, JobManager, JobOptions, JobStatus, MirrorJob,
     MirrorOptions,
 };
 use common::{cases, mem, pattern, read_all};
@@ -82,6 +82,10 @@ fn writer(n: Backend, seed: u64, stop: Arc<AtomicBool>) -> std::thread::JoinHand
 
 /// The sequence of the hung daemon: backup j1 b -> q (q has b as a child),
 /// mirror j2 e -> q with writes on e, then a new child r attached to q.
+/// As in QEMU, j2 is refused while j1 runs (q is in use by j1: every job
+/// blocks every op on its nodes); so r is attached to q while j1 copies into
+/// it, and j2 runs, with the writes on e and a second attach (s), once j1
+/// is gone. Afterwards b (under q) holds exactly e.
 fn backup_into_parent_then_mirror_then_attach(round: u64) {
     let g = Graph::new();
     let b = mem(&g, "b", SIZE, None);
@@ -89,6 +93,7 @@ fn backup_into_parent_then_mirror_then_attach(round: u64) {
         .unwrap();
     let q = quorum(&g, "q", json!(["b"]));
     let r = quorum(&g, "r", json!([{"driver": "memory", "size": SIZE}]));
+    let s = quorum(&g, "s", json!([{"driver": "memory", "size": SIZE}]));
     let e = quorum(&g, "e", json!([{"driver": "memory", "size": SIZE}]));
     e.write(
         0,
@@ -105,7 +110,11 @@ fn backup_into_parent_then_mirror_then_attach(round: u64) {
         &q,
         BackupOptions {
             sync: BackupSync::Full,
-            job: JobOptions::with_id("j1"),
+            // about 0.2 s: still running when j2 is tried and r attached
+            job: JobOptions {
+                speed: 16 * MIB,
+                ..JobOptions::with_id("j1")
+            },
             ..Default::default()
         },
     )
@@ -114,33 +123,44 @@ fn backup_into_parent_then_mirror_then_attach(round: u64) {
     // the filter above b
     let (_, kid) = q.children().into_iter().next().unwrap();
     assert!(Arc::ptr_eq(&kid, &b), "q's child is '{}'", kid.name());
-    let j2 = MirrorJob::start(
-        &m,
-        &g,
-        &e,
-        &q,
-        MirrorOptions {
-            job: JobOptions::with_id("j2"),
-            ..Default::default()
-        },
-    )
-    .unwrap();
+    let mirror = |id: &str| {
+        MirrorJob::start(
+            &m,
+            &g,
+            &e,
+            &q,
+            MirrorOptions {
+                job: JobOptions::with_id(id),
+                ..Default::default()
+            },
+        )
+    };
+    let err = mirror("j2").unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::Busy, "{err}");
+    assert_eq!(
+        err.context(),
+        "Node 'q' is busy: block device is in use by block job: backup"
+    );
+    std::thread::sleep(Duration::from_millis(round % 4));
+    let role = g.blockdev_change_add(&q, &r).unwrap();
+    assert_eq!(role, Role::Child(1));
+    assert!(j1.job().wait().is_ok());
+
+    let j2 = mirror("j2").unwrap();
     let stop = Arc::new(AtomicBool::new(false));
     let w = writer(ge, round * 1000, stop.clone());
     std::thread::sleep(Duration::from_millis(5 * (round % 4)));
-    let role = g.blockdev_change_add(&q, &r).unwrap();
-    assert_eq!(role, Role::Child(1));
+    let role = g.blockdev_change_add(&q, &s).unwrap();
+    assert_eq!(role, Role::Child(2));
     assert!(
         j2.job().wait_ready(Duration::from_secs(20)),
         "j2 never ready"
     );
     stop.store(true, Ordering::Relaxed);
     w.join().unwrap();
-    assert!(j1.job().wait().is_ok());
     j2.job().complete().unwrap();
     assert!(j2.job().wait().is_ok());
-    // no data check: two jobs write into q here (j1 copies b into q, that is
-    // into b, racing with j2's writes); QEMU refuses j2 (q is in use by j1)
+    assert!(read_all(&b) == read_all(&e), "b differs from e");
     assert_eq!(b.in_flight(), 0);
     assert_eq!(q.in_flight(), 0);
 }
