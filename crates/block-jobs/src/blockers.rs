@@ -28,10 +28,11 @@ pub(crate) fn job_blocker_reason(job_type: JobType) -> String {
     format!("block device is in use by block job: {job_type}")
 }
 
-/// The error for `op` being blocked on `node`: kind [`ErrorKind::Busy`],
-/// context `Node 'x' is busy: <reason of the blocker>` (QEMU's
-/// `bdrv_op_is_blocked`).
-pub(crate) fn check_free(node: &NodeRef, op: BlockOp) -> Result<()> {
+/// QEMU's `bdrv_op_is_blocked`: fails if `op` is blocked on `node`, with
+/// kind [`ErrorKind::Busy`] and context `Node 'x' is busy: <the blocker's
+/// reason>` (e.g. `block device is in use by block job: backup`). For
+/// callers (the QMP layer) that check a node before they start a job.
+pub fn check_op_free(node: &NodeRef, op: BlockOp) -> Result<()> {
     node.check_op(op).map_err(|e| {
         if e.kind() != GKind::Busy {
             return JobError::from(e);
@@ -56,7 +57,7 @@ pub(crate) fn claim_nodes(
 ) -> Result<Vec<BlockerGuard>> {
     let _l = CLAIM.lock();
     for (node, op) in uses {
-        check_free(node, *op)?;
+        check_op_free(node, *op)?;
     }
     let reason = job_blocker_reason(job_type);
     let mut guards: Vec<BlockerGuard> = Vec::with_capacity(uses.len());

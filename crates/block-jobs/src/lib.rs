@@ -28,6 +28,7 @@ pub mod mirror;
 pub mod ratelimit;
 
 pub use backup::{register_drivers, BackupJob, BackupOptions, BackupSync};
+pub use blockers::check_op_free;
 pub use cbw::{CopyBeforeWrite, CBW_DRIVER};
 pub use commit::{CommitJob, CommitOptions, StreamJob};
 pub use copy::{CopyTracker, ReadGuard};

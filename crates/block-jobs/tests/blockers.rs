@@ -148,6 +148,13 @@ fn two_backups_into_one_target() {
     assert_free(&s2);
     assert_all_blocked(&s1, "backup");
     assert_all_blocked(&tgt, "backup");
+    // the check the QMP layer runs before block-commit / block-stream
+    assert_busy(
+        block_jobs::check_op_free(&tgt, BlockOp::CommitSource).unwrap_err(),
+        "tgt",
+        "backup",
+    );
+    block_jobs::check_op_free(&tgt, BlockOp::DataplaneStart).unwrap();
     // a node that is blocked cannot be deleted either
     let e = g.remove_node("tgt").unwrap_err();
     assert_eq!(e.kind(), block_graph::ErrorKind::Busy);
