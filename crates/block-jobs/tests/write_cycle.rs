@@ -110,9 +110,9 @@ fn backup_into_parent_then_mirror_then_attach(round: u64) {
         &q,
         BackupOptions {
             sync: BackupSync::Full,
-            // about 0.2 s: still running when j2 is tried and r attached
+            // about 0.4 s: still running when j2 is tried and r attached
             job: JobOptions {
-                speed: 16 * MIB,
+                speed: 8 * MIB,
                 ..JobOptions::with_id("j1")
             },
             ..Default::default()
