@@ -661,7 +661,10 @@ impl<S: Storage> Qcow2<S> {
             return Ok(());
         }
         self.l2_make_room(m, off)?;
-        let data = self.read_cluster(off, "L2 table read")?;
+        let mut data = m.l2.buffer(self.cs() as usize);
+        self.storage
+            .read_at(&mut data, off)
+            .map_err(io_err("L2 table read", off))?;
         m.l2.insert(off, data, false);
         Ok(())
     }
@@ -1332,7 +1335,9 @@ impl<S: Storage> Qcow2<S> {
         let c = self.alloc_cluster(m)?;
         let off = c << self.cluster_bits;
         self.l2_make_room(m, off)?;
-        m.l2.insert(off, vec![0u8; self.cs() as usize], true);
+        let mut table = m.l2.buffer(self.cs() as usize);
+        table.fill(0);
+        m.l2.insert(off, table, true);
         m.l1[l1i as usize] = off | COPIED;
         m.l1_dirty = true;
         m.l1_used.insert(l1i as u32);
@@ -1540,7 +1545,20 @@ impl<S: Storage> Qcow2<S> {
             for &i in &used {
                 m.l1[i as usize] = 0;
             }
-            self.write_l1(&mut m)?;
+            // Only the 4 KiB pages holding used entries: on a 1 TiB disk
+            // the table's cluster is 64 KiB of which 16 KiB are entries.
+            let (lo, hi) = (used[0] as u64, *used.last().unwrap_or(&used[0]) as u64 + 1);
+            let first = lo * 8 / 4096 * 4096;
+            let end = (hi * 8).div_ceil(4096) * 4096;
+            let mut b = vec![0u8; (end - first) as usize];
+            for (j, e) in b.chunks_exact_mut(8).enumerate() {
+                let i = first as usize / 8 + j;
+                if let Some(v) = m.l1.get(i) {
+                    e.copy_from_slice(&v.to_be_bytes());
+                }
+            }
+            let off = m.h.l1_table_offset + first;
+            self.swrite(&mut m, &b, off, "L1 table write")?;
         } else {
             for &i in &used {
                 m.l1[i as usize] = 0;
@@ -1561,9 +1579,7 @@ impl<S: Storage> Qcow2<S> {
         m.pending_decref.clear();
         // 3. Not reused, punched or cut off before the next flush has made
         // the cleared entries durable (`reclaim_quarantine`).
-        for c in freed {
-            m.quarantine.insert(c);
-        }
+        m.quarantine |= freed;
         Ok(())
     }
 
@@ -1636,10 +1652,11 @@ impl<S: Storage> Qcow2<S> {
 
     /// Set the refcount of every cluster below `end_cluster` that is not in
     /// `keep` to 0; returns the clusters whose refcount was nonzero.
-    fn drop_refcounts_except(&self, m: &mut Meta, keep: &RoaringTreemap) -> Result<Vec<u64>> {
+    fn drop_refcounts_except(&self, m: &mut Meta, keep: &RoaringTreemap) -> Result<RoaringTreemap> {
         let per = self.rb_entries();
         let end = m.end_cluster;
-        let mut freed = Vec::new();
+        // Filled in increasing order, so each push appends.
+        let mut freed = RoaringTreemap::new();
         for rti in 0..m.rt.len() as u64 {
             let first = rti * per;
             if first >= end {
