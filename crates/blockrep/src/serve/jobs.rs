@@ -23,7 +23,7 @@ use parking_lot::Mutex;
 use qmp::{Args, QmpError};
 use serde_json::{json, Value};
 
-use super::block::{generic, lookup_device};
+use super::block::lookup_device;
 use super::log::log_at;
 use super::Daemon;
 
@@ -288,7 +288,7 @@ pub(crate) fn block_commit(d: &Daemon, a: &Args) -> Result<Value, QmpError> {
     let device = a.str("device")?;
     let root = lookup_device(d, device)?;
     // QEMU checks the device's blockers first.
-    root.check_op(BlockOp::CommitSource).map_err(generic)?;
+    block_jobs::check_op_free(&root, BlockOp::CommitSource).map_err(jerr)?;
     let top = in_chain(
         &d.graph,
         &root,
@@ -386,7 +386,7 @@ pub(crate) fn block_stream(d: &Daemon, a: &Args) -> Result<Value, QmpError> {
         }
     }
     // QEMU checks the blockers first.
-    top.check_op(BlockOp::Stream).map_err(generic)?;
+    block_jobs::check_op_free(&top, BlockOp::Stream).map_err(jerr)?;
     if top.is_read_only() {
         return Err(QmpError::generic(format!(
             "Block node '{}' is read-only",
