@@ -213,6 +213,10 @@ struct Meta {
     /// dropping is not durable yet: not reused before the next flush, which
     /// then frees them and shrinks the file (see [`Qcow2::make_empty`]).
     quarantine: RoaringTreemap,
+    /// Guest clusters whose newly placed host cluster is being written
+    /// outside the lock and is not in their L2 entry yet. Other requests on
+    /// these clusters, and whole-image changes, wait for `alloc_done`.
+    allocating: std::collections::HashSet<u64>,
     dirty_on_disk: bool,
 }
 
@@ -223,6 +227,8 @@ struct Meta {
 pub struct Qcow2<S: Storage> {
     storage: S,
     meta: Mutex<Meta>,
+    /// Signalled when clusters leave `Meta::allocating`.
+    alloc_done: parking_lot::Condvar,
     read_only: bool,
     cluster_bits: u32,
     lazy: bool,
@@ -446,6 +452,7 @@ impl<S: Storage> Qcow2<S> {
         let dirty_on_disk = h.incompatible & header::INCOMPAT_DIRTY != 0;
         Ok(Qcow2 {
             storage,
+            alloc_done: parking_lot::Condvar::new(),
             read_only,
             cluster_bits: h.cluster_bits,
             lazy,
@@ -465,6 +472,7 @@ impl<S: Storage> Qcow2<S> {
                 free: RoaringTreemap::new(),
                 pending_decref: Vec::new(),
                 quarantine: RoaringTreemap::new(),
+                allocating: std::collections::HashSet::new(),
                 dirty_on_disk,
             }),
         })
@@ -1108,6 +1116,7 @@ impl<S: Storage> Qcow2<S> {
             return Ok(());
         }
         let mut m = self.meta.lock();
+        self.wait_allocations(&mut m);
         self.flush_locked(&mut m, true)?;
         // The file ends at its last cluster in use: cut the growth step's
         // zeros and free clusters at the end (refcounts are exact and
@@ -1225,8 +1234,25 @@ impl<S: Storage> Qcow2<S> {
         self.check_writable()?;
         let mut m = self.meta.lock();
         self.check_range(&m, offset, buf.len() as u64)?;
-        let cs = self.cs();
         let mut run = Run::default();
+        let r = self.write_locked(&mut m, offset, buf, backing, &mut run);
+        if r.is_err() {
+            // Clusters placed but never written stay allocated (a leak the
+            // next check repairs) and must not block later requests.
+            self.release_placed(&mut m, &std::mem::take(&mut run.pending));
+        }
+        r
+    }
+
+    fn write_locked(
+        &self,
+        m: &mut parking_lot::MutexGuard<'_, Meta>,
+        offset: u64,
+        buf: &[u8],
+        backing: Option<&dyn BackingRead>,
+        run: &mut Run,
+    ) -> Result<()> {
+        let cs = self.cs();
         let mut done = 0usize;
         while done < buf.len() {
             let pos = offset + done as u64;
@@ -1234,22 +1260,31 @@ impl<S: Storage> Qcow2<S> {
             let n = ((cs - in_cl) as usize).min(buf.len() - done);
             let cl = pos >> self.cluster_bits;
             let l1i = cl / self.l2_entries();
+            if m.allocating.contains(&cl) {
+                // Another write is placing this cluster: write out ours so
+                // far (holding nothing while waiting), then look again.
+                self.run_flush(m, run, buf)?;
+                while m.allocating.contains(&cl) {
+                    self.alloc_done.wait(m);
+                }
+                continue;
+            }
             // A run stays inside one L2 table, which every cluster of the run
             // has already loaded: nothing below can evict it (and so write it
             // out) before the run's data is on disk.
             if run.len > 0 && run.l1i != l1i {
-                self.run_flush(&mut m, &mut run, buf)?;
+                self.run_flush(m, run, buf)?;
             }
-            let old = self.entry(&mut m, pos)?;
+            let old = self.entry(m, pos)?;
             let (host, pending) = match old {
                 Entry::Data(h, true) => (h + in_cl, None),
                 Entry::Compressed => (0, None),
                 _ if n as u64 == cs => {
-                    let l2_off = self.ensure_l2(&mut m, cl)?;
+                    let l2_off = self.ensure_l2(m, cl)?;
                     let (target, decref) = match old {
                         Entry::Zero(Some(h), true) => (h, None),
                         _ => {
-                            let h = self.alloc_cluster(&mut m)? << self.cluster_bits;
+                            let h = self.alloc_cluster(m)? << self.cluster_bits;
                             let dec = match old {
                                 Entry::Data(o, false) | Entry::Zero(Some(o), false) => Some(o),
                                 _ => None,
@@ -1258,20 +1293,28 @@ impl<S: Storage> Qcow2<S> {
                         }
                     };
                     let idx = cl % self.l2_entries();
-                    (target, Some((l2_off, idx, target, decref)))
+                    m.allocating.insert(cl);
+                    let placed = Placed {
+                        cl,
+                        l2_off,
+                        idx,
+                        host: target,
+                        decref,
+                    };
+                    (target, Some(placed))
                 }
                 _ => (0, None),
             };
             let batchable = matches!(old, Entry::Data(_, true)) || pending.is_some();
             if !batchable {
                 // Partial cluster needing copy-on-write, or an error to report.
-                self.run_flush(&mut m, &mut run, buf)?;
-                self.write_slow(&mut m, pos, &buf[done..done + n], backing)?;
+                self.run_flush(m, run, buf)?;
+                self.write_slow(m, pos, &buf[done..done + n], backing)?;
                 done += n;
                 continue;
             }
             if run.len > 0 && run.host + run.len as u64 != host {
-                self.run_flush(&mut m, &mut run, buf)?;
+                self.run_flush(m, run, buf)?;
             }
             if run.len == 0 {
                 run.host = host;
@@ -1284,7 +1327,7 @@ impl<S: Storage> Qcow2<S> {
             }
             done += n;
         }
-        self.run_flush(&mut m, &mut run, buf)
+        self.run_flush(m, run, buf)
     }
 
     /// Write the data of `run` with one positional write, then point the L2
@@ -1310,15 +1353,71 @@ impl<S: Storage> Qcow2<S> {
             })?;
             return Ok(());
         }
+        // Fresh clusters: reserved (refcount set, in `allocating`), so the
+        // data write runs outside the lock too and writes into fresh space
+        // proceed side by side; their L2 entries are set after it.
         let pending = std::mem::take(&mut run.pending);
-        self.swrite(m, data, host, "data write")?;
-        for (l2_off, idx, target, decref) in pending {
-            self.l2_set(m, l2_off, idx, target | COPIED)?;
-            if let Some(o) = decref {
+        let r = self.place_run(m, data, host, &pending);
+        self.release_placed(m, &pending);
+        r
+    }
+
+    fn place_run(
+        &self,
+        m: &mut parking_lot::MutexGuard<'_, Meta>,
+        data: &[u8],
+        host: u64,
+        pending: &[Placed],
+    ) -> Result<()> {
+        let end = host + data.len() as u64;
+        if end > m.phys_len {
+            self.grow_file(m, end)?;
+        }
+        parking_lot::MutexGuard::unlocked(m, || {
+            self.storage
+                .write_at(data, host)
+                .map_err(io_err("data write", host))
+        })?;
+        m.file_len = m.file_len.max(end);
+        for p in pending {
+            self.l2_set(m, p.l2_off, p.idx, p.host | COPIED)?;
+            if let Some(o) = p.decref {
                 m.pending_decref.push(o >> self.cluster_bits);
             }
         }
         Ok(())
+    }
+
+    /// The clusters of `placed` are settled (linked, or abandoned on error):
+    /// wake the requests waiting for them.
+    fn release_placed(&self, m: &mut Meta, placed: &[Placed]) {
+        if placed.is_empty() {
+            return;
+        }
+        for p in placed {
+            m.allocating.remove(&p.cl);
+        }
+        self.alloc_done.notify_all();
+    }
+
+    /// Waits until no write is placing a cluster (whole-image changes).
+    fn wait_allocations(&self, m: &mut parking_lot::MutexGuard<'_, Meta>) {
+        while !m.allocating.is_empty() {
+            self.alloc_done.wait(m);
+        }
+    }
+
+    /// Waits until no write is placing a cluster of guest clusters
+    /// `first..=last`.
+    fn wait_allocations_in(
+        &self,
+        m: &mut parking_lot::MutexGuard<'_, Meta>,
+        first: u64,
+        last: u64,
+    ) {
+        while m.allocating.iter().any(|c| (first..=last).contains(c)) {
+            self.alloc_done.wait(m);
+        }
     }
 
     /// Ensure the L2 table for guest cluster `cl` exists; returns its offset.
@@ -1451,6 +1550,11 @@ impl<S: Storage> Qcow2<S> {
         let cs = self.cs();
         let mut m = self.meta.lock();
         self.check_range(&m, offset, len)?;
+        if len > 0 {
+            // Ordered after the writes placing these clusters: the entries
+            // they are about to set would otherwise undo this request's.
+            self.wait_allocations_in(&mut m, offset / cs, (offset + len - 1) / cs);
+        }
         let has_backing = m.h.backing_file.is_some() || backing.is_some();
         let end = offset + len;
         let mut pos = offset;
@@ -1527,6 +1631,8 @@ impl<S: Storage> Qcow2<S> {
     pub fn make_empty(&self) -> Result<()> {
         self.check_writable()?;
         let mut m = self.meta.lock();
+        // Clusters being placed hold a refcount that this would drop.
+        self.wait_allocations(&mut m);
         // A refcount table or header change since the last flush must reach
         // the disk in order first (rare: the image grew its tables).
         if m.header_dirty || m.rt_dirty {
@@ -1763,6 +1869,7 @@ impl<S: Storage> Qcow2<S> {
                 format!("virtual size {new_size} needs too large an L1 table"),
             ));
         }
+        self.wait_allocations(&mut m);
         self.flush_locked(&mut m, true)?;
         self.ensure_dirty(&mut m)?;
         let old_len = m.l1.len() as u64;
@@ -1900,6 +2007,8 @@ impl<S: Storage> Qcow2<S> {
     /// Check the image: refcounts against references, COPIED flags, entries.
     pub fn check(&self) -> Result<CheckReport> {
         let mut m = self.meta.lock();
+        // A cluster being placed is allocated but not yet referenced.
+        self.wait_allocations(&mut m);
         if !self.read_only {
             self.flush_locked(&mut m, true)?;
         }
@@ -1989,6 +2098,7 @@ impl<S: Storage> Qcow2<S> {
     pub fn repair(&self) -> Result<CheckReport> {
         self.check_writable()?;
         let mut m = self.meta.lock();
+        self.wait_allocations(&mut m);
         self.flush_locked(&mut m, true)?;
         let before = self.check_locked(&mut m)?;
         self.repair_locked(&mut m)?;
@@ -2134,9 +2244,21 @@ struct Run {
     len: usize,
     /// L1 index of the one L2 table the run's clusters share.
     l1i: u64,
-    /// (L2 table, entry index, host cluster, old cluster to release) of the
-    /// clusters newly placed, set once the data is written.
-    pending: Vec<(u64, u64, u64, Option<u64>)>,
+    /// The clusters newly placed, linked once the data is written.
+    pending: Vec<Placed>,
+}
+
+/// A guest cluster given a new host cluster by a write in progress.
+struct Placed {
+    /// Guest cluster index (its entry in `Meta::allocating`).
+    cl: u64,
+    /// The L2 table and entry index to point at `host`.
+    l2_off: u64,
+    idx: u64,
+    /// Host offset of the new cluster.
+    host: u64,
+    /// The cluster it replaces, released once the change is durable.
+    decref: Option<u64>,
 }
 
 fn read_backing(backing: Option<&dyn BackingRead>, offset: u64, buf: &mut [u8]) -> Result<()> {
