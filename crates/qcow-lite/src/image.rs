@@ -1761,8 +1761,12 @@ impl<S: Storage> Qcow2<S> {
     fn drop_refcounts_except(&self, m: &mut Meta, keep: &RoaringTreemap) -> Result<RoaringTreemap> {
         let per = self.rb_entries();
         let end = m.end_cluster;
-        // Filled in increasing order, so each push appends.
-        let mut freed = RoaringTreemap::new();
+        // Clusters come in increasing order: `keep` is walked alongside and
+        // the freed ones are gathered in a vector, then built into a set in
+        // one go (one lookup or push per cluster in the roaring sets cost
+        // 100-250 ns each: 2 ms for 8,192 clusters).
+        let mut keep = keep.iter().peekable();
+        let mut freed = Vec::new();
         for rti in 0..m.rt.len() as u64 {
             let first = rti * per;
             if first >= end {
@@ -1783,7 +1787,11 @@ impl<S: Storage> Qcow2<S> {
                 for k in 0..4 {
                     let idx = w * 4 + k;
                     let c = first + idx as u64;
-                    if idx >= n || word[k * 2..k * 2 + 2] == [0, 0] || keep.contains(c) {
+                    if idx >= n || word[k * 2..k * 2 + 2] == [0, 0] {
+                        continue;
+                    }
+                    while keep.next_if(|&k| k < c).is_some() {}
+                    if keep.peek() == Some(&c) {
                         continue;
                     }
                     word[k * 2..k * 2 + 2].copy_from_slice(&[0, 0]);
@@ -1795,7 +1803,7 @@ impl<S: Storage> Qcow2<S> {
                 e.dirty = true;
             }
         }
-        Ok(freed)
+        RoaringTreemap::from_sorted_iter(freed).map_err(|_| corrupt("refcount walk out of order"))
     }
 
     /// Record a new backing file name and format in the header (or none),

@@ -15,8 +15,9 @@
 //! `rewrite-corrupted` (bool, `quorum` pattern only: write the winning version
 //! back to children that differed), `blkverify` (only false), and our
 //! `x-parallel-writes` (bool, default true, as QEMU's quorum issues its
-//! children's writes together): write to all children at once (the first
-//! child on the calling thread, the others on long-lived helper threads), so a
+//! children's writes together): write to all children at once (the child
+//! that has been slowest lately on the calling thread, the others on
+//! long-lived helper threads), so a
 //! slow child (the primary's NBD link to the secondary) costs its own
 //! latency, not the sum; `false` writes them one after another. The
 //! one-order guarantee holds either way because overlapping writes are
