@@ -19,12 +19,15 @@ use serde_json::{json, Value};
 
 mod notes;
 mod overhead;
+mod saved;
 
 const KIB: u64 = 1024;
 const MIB: u64 = 1024 * 1024;
 
 /// Options of the task.
 struct Opts {
+    /// Only write the report again from the last run's saved figures.
+    render: bool,
     quick: bool,
     criterion: bool,
     reps: usize,
@@ -34,6 +37,7 @@ struct Opts {
 
 fn parse_opts(rest: &[String]) -> Result<Opts, String> {
     let mut o = Opts {
+        render: false,
         quick: false,
         criterion: true,
         reps: 5,
@@ -43,6 +47,7 @@ fn parse_opts(rest: &[String]) -> Result<Opts, String> {
     while let Some(a) = it.next() {
         match a.as_str() {
             "--quick" => o.quick = true,
+            "--render" => o.render = true,
             "--no-criterion" => o.criterion = false,
             "--reps" => {
                 let n = it.next().ok_or("--reps needs a number")?;
@@ -62,7 +67,8 @@ fn parse_opts(rest: &[String]) -> Result<Opts, String> {
             other => {
                 return Err(format!(
                     "bench: unexpected option '{other}' \
-                     (expected --quick, --no-criterion, --reps N, --only 1,4,7 (figures 1-7))"
+                     (expected --quick, --no-criterion, --reps N, --only 1,4,7 (figures 1-7), \
+                     --render)"
                 ))
             }
         }
@@ -135,6 +141,18 @@ pub fn run(root: &Path, rest: &[String]) -> Result<(), String> {
     } else {
         root.join(target)
     };
+    if opts.render {
+        let report = saved::load(&target.join("xtask-bench-last.json"))?;
+        let out = root.join("BENCHMARKS.md");
+        std::fs::write(&out, render(&report))
+            .map_err(|e| format!("bench: {}: {e}", out.display()))?;
+        eprintln!(
+            "xtask bench: wrote {} again from the run started {} (notes from xtask/src/bench/notes.md)",
+            out.display(),
+            report.started
+        );
+        return Ok(());
+    }
 
     for tool in ["qemu-img", "qemu-nbd", "qemu-io"] {
         if Command::new(tool)
@@ -297,6 +315,10 @@ pub fn run(root: &Path, rest: &[String]) -> Result<(), String> {
         versions,
         guard,
     };
+    let saved = target.join("xtask-bench-last.json");
+    if let Err(e) = saved::save(&report, &saved) {
+        eprintln!("xtask bench: could not keep the figures for --render: {e}");
+    }
     let md = render(&report);
     let out = root.join("BENCHMARKS.md");
     std::fs::write(&out, md).map_err(|e| format!("bench: {}: {e}", out.display()))?;
