@@ -356,13 +356,14 @@ fn block_resize_refused_on_a_replicating_top_allowed_after_failover() {
     );
     assert_eq!(class, "GenericError");
     assert!(
-        desc.starts_with("Device 'top' is in use: ") && desc.contains("in use by replication"),
+        desc.starts_with("Device 'top' is in use: ")
+            && desc.contains("in use by internal backup job"),
         "{desc}"
     );
     // Consistent with a job on the top.
     let (_, commit_desc) = q.err("block-commit", json!({"device": "top", "job-id": "c"}));
     assert!(
-        commit_desc.contains("in use by replication"),
+        commit_desc.contains("in use by internal backup job"),
         "{commit_desc}"
     );
     assert_eq!(q.ok("query-named-block-nodes", json!({})), before);

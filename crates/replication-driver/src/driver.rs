@@ -364,9 +364,9 @@ impl Shared {
             }
         };
 
+        // QEMU's reason text, then which filter holds the node.
         let blocker = top.block_all(format!(
-            "node '{}' is in use by replication (filter '{}', internal backup job)",
-            top.name(),
+            "Block device is in use by internal backup job (replication filter '{}')",
             self.name
         ));
         blocker.unblock(BlockOp::DataplaneStart);

@@ -60,7 +60,8 @@
 //! * The hidden and secondary disks are held as extra children
 //!   ([`HIDDEN_ROLE`], [`SECONDARY_ROLE`]) while running.
 //! * Every operation on the `top-id` node is blocked while running, with a
-//!   reason saying it is in use by replication, except `dataplane-start` and
+//!   QEMU's reason ("Block device is in use by internal backup job", plus the
+//!   filter's name), except `dataplane-start` and
 //!   `drive-del` (deleting the top closes the filter, which stops replication
 //!   without failover); the blockers are lifted when the replication is
 //!   stopped or a failover completed (not after a failed failover: active and

@@ -372,7 +372,10 @@ fn user_jobs_and_resize_on_top_refused_while_running() {
         .add_node(&json!({"driver": "memory", "node-name": "bk", "size": 4 * MIB}))
         .unwrap();
     let e = BackupJob::start(&jobs, &s.graph, top, &target, BackupOptions::default()).unwrap_err();
-    assert!(e.to_string().contains("in use by replication"), "{e}");
+    assert!(
+        e.to_string().contains("in use by internal backup job"),
+        "{e}"
+    );
     let e = MirrorJob::start_active_commit(
         &jobs,
         &s.graph,
@@ -381,7 +384,10 @@ fn user_jobs_and_resize_on_top_refused_while_running() {
         MirrorOptions::default(),
     )
     .unwrap_err();
-    assert!(e.to_string().contains("in use by replication"), "{e}");
+    assert!(
+        e.to_string().contains("in use by internal backup job"),
+        "{e}"
+    );
     for op in [
         BlockOp::Stream,
         BlockOp::Resize,
@@ -390,7 +396,10 @@ fn user_jobs_and_resize_on_top_refused_while_running() {
     ] {
         let e = top.check_op(op).unwrap_err();
         assert_eq!(e.kind(), BlockErrorKind::Busy);
-        assert!(e.to_string().contains("in use by replication"), "{e}");
+        assert!(
+            e.to_string().contains("in use by internal backup job"),
+            "{e}"
+        );
     }
     s.registry.stop_all(true).unwrap();
     assert!(s.repl.wait_failover(Duration::from_secs(30)));

@@ -71,7 +71,7 @@ pub(crate) fn block_resize(d: &Daemon, a: &Args) -> Result<Value, QmpError> {
         return Err(QmpError::generic("Parameter 'size' expects a >0 size"));
     }
     // QEMU: "Device 'x' is in use"; the blocker's reason is added (on a
-    // replicating top: in use by replication).
+    // replicating top: "Block device is in use by internal backup job").
     node.check_op(BlockOp::Resize).map_err(|e| {
         QmpError::generic(format!(
             "Device '{}' is in use: {}",

@@ -33,7 +33,7 @@
 //! Grows the node (shrinks where the driver can: `memory`, `file`, `raw`;
 //! qcow2 only grows). Refused while an op blocker covers resize: on the
 //! `top-id` node of a running replication with "Device 'top' is in use: "
-//! and the blocker's reason (in use by replication, as for jobs on that
+//! and the blocker's reason (in use by internal backup job, as for jobs on that
 //! node). A filter node (e.g. `replication` after failover) cannot be
 //! resized: block-graph does not pass truncate through filters yet; resize
 //! the node below it.
