@@ -1308,7 +1308,13 @@ impl<S: Storage> Qcow2<S> {
             let batchable = matches!(old, Entry::Data(_, true)) || pending.is_some();
             if !batchable {
                 // Partial cluster needing copy-on-write, or an error to report.
-                self.run_flush(m, run, buf)?;
+                if run.len > 0 {
+                    // Writing the run out drops the lock: another write may
+                    // have started placing this cluster meanwhile, so look
+                    // at it again from the top.
+                    self.run_flush(m, run, buf)?;
+                    continue;
+                }
                 self.write_slow(m, pos, &buf[done..done + n], backing)?;
                 done += n;
                 continue;
