@@ -1259,6 +1259,15 @@ fn run_job(ctx: JobContext, mut driver: Box<dyn JobDriver>) {
     // listener) before anyone can see it concluded
     drop(driver);
     drop(job.inner.drain_watch.lock().take());
+    if job.inner.opts.auto_dismiss {
+        // Out of the listings before the completion is announced: QEMU
+        // emits BLOCK_JOB_COMPLETED and dismisses in one main-loop step, so
+        // a client that got the event never finds the job in query-jobs.
+        // (Lock order: registry before job state, so not under `st`.)
+        if let Some(m) = job.inner.manager.upgrade() {
+            m.remove(&job);
+        }
+    }
     let mut st = job.inner.state.lock();
     if let JobOutcome::Failed(e) = &outcome {
         st.error_msg = Some(e.full_message());
@@ -1275,13 +1284,6 @@ fn run_job(ctx: JobContext, mut driver: Box<dyn JobDriver>) {
     job.transition_locked(&mut st, JobStatus::Concluded);
     if job.inner.opts.auto_dismiss {
         job.transition_locked(&mut st, JobStatus::Null);
-        // leave the registry before waiters see the outcome (lock order:
-        // registry before job state, so not while holding the state)
-        drop(st);
-        if let Some(m) = job.inner.manager.upgrade() {
-            m.remove(&job);
-        }
-        st = job.inner.state.lock();
     }
     st.outcome = Some(outcome);
     job.inner.cond.notify_all();
