@@ -217,6 +217,11 @@ struct Meta {
     /// outside the lock and is not in their L2 entry yet. Other requests on
     /// these clusters, and whole-image changes, wait for `alloc_done`.
     allocating: std::collections::HashSet<u64>,
+    /// Guest clusters with data being written into their existing host
+    /// cluster outside the lock (count per cluster). Discards, zero-writes
+    /// and whole-image changes wait for them, so a host cluster is never
+    /// freed, and perhaps reused for other data, under a write in flight.
+    in_place: std::collections::HashMap<u64, u32>,
     dirty_on_disk: bool,
 }
 
@@ -227,7 +232,7 @@ struct Meta {
 pub struct Qcow2<S: Storage> {
     storage: S,
     meta: Mutex<Meta>,
-    /// Signalled when clusters leave `Meta::allocating`.
+    /// Signalled when clusters leave `Meta::allocating` or `Meta::in_place`.
     alloc_done: parking_lot::Condvar,
     read_only: bool,
     cluster_bits: u32,
@@ -473,6 +478,7 @@ impl<S: Storage> Qcow2<S> {
                 pending_decref: Vec::new(),
                 quarantine: RoaringTreemap::new(),
                 allocating: std::collections::HashSet::new(),
+                in_place: std::collections::HashMap::new(),
                 dirty_on_disk,
             }),
         })
@@ -1240,6 +1246,7 @@ impl<S: Storage> Qcow2<S> {
             // Clusters placed but never written stay allocated (a leak the
             // next check repairs) and must not block later requests.
             self.release_placed(&mut m, &std::mem::take(&mut run.pending));
+            self.release_in_place(&mut m, &std::mem::take(&mut run.in_place));
         }
         r
     }
@@ -1305,7 +1312,12 @@ impl<S: Storage> Qcow2<S> {
                 }
                 _ => (0, None),
             };
-            let batchable = matches!(old, Entry::Data(_, true)) || pending.is_some();
+            let in_place = matches!(old, Entry::Data(_, true));
+            if in_place {
+                // Registered before anything below can drop the lock.
+                *m.in_place.entry(cl).or_insert(0) += 1;
+            }
+            let batchable = in_place || pending.is_some();
             if !batchable {
                 // Partial cluster needing copy-on-write, or an error to report.
                 if run.len > 0 {
@@ -1320,7 +1332,16 @@ impl<S: Storage> Qcow2<S> {
                 continue;
             }
             if run.len > 0 && run.host + run.len as u64 != host {
-                self.run_flush(m, run, buf)?;
+                if let Err(e) = self.run_flush(m, run, buf) {
+                    // This cluster is not in `run` yet: release it here.
+                    if let Some(p) = &pending {
+                        self.release_placed(m, std::slice::from_ref(p));
+                    }
+                    if in_place {
+                        self.release_in_place(m, &[cl]);
+                    }
+                    return Err(e);
+                }
             }
             if run.len == 0 {
                 run.host = host;
@@ -1330,6 +1351,9 @@ impl<S: Storage> Qcow2<S> {
             run.len += n;
             if let Some(p) = pending {
                 run.pending.push(p);
+            }
+            if in_place {
+                run.in_place.push(cl);
             }
             done += n;
         }
@@ -1350,14 +1374,16 @@ impl<S: Storage> Qcow2<S> {
         let data = &buf[run.buf_off..run.buf_off + run.len];
         let host = run.host;
         run.len = 0;
+        let in_place = std::mem::take(&mut run.in_place);
         if run.pending.is_empty() {
             // In place only: no metadata change; data I/O outside the lock.
-            parking_lot::MutexGuard::unlocked(m, || {
+            let r = parking_lot::MutexGuard::unlocked(m, || {
                 self.storage
                     .write_at(data, host)
                     .map_err(io_err("data write", host))
-            })?;
-            return Ok(());
+            });
+            self.release_in_place(m, &in_place);
+            return r;
         }
         // Fresh clusters: reserved (refcount set, in `allocating`), so the
         // data write runs outside the lock too and writes into fresh space
@@ -1365,6 +1391,7 @@ impl<S: Storage> Qcow2<S> {
         let pending = std::mem::take(&mut run.pending);
         let r = self.place_run(m, data, host, &pending);
         self.release_placed(m, &pending);
+        self.release_in_place(m, &in_place);
         r
     }
 
@@ -1406,22 +1433,41 @@ impl<S: Storage> Qcow2<S> {
         self.alloc_done.notify_all();
     }
 
-    /// Waits until no write is placing a cluster (whole-image changes).
+    /// In-place writes into `clusters` are done: wake those waiting.
+    fn release_in_place(&self, m: &mut Meta, clusters: &[u64]) {
+        if clusters.is_empty() {
+            return;
+        }
+        for c in clusters {
+            if let Some(n) = m.in_place.get_mut(c) {
+                *n -= 1;
+                if *n == 0 {
+                    m.in_place.remove(c);
+                }
+            }
+        }
+        self.alloc_done.notify_all();
+    }
+
+    /// Waits until no write is placing a cluster or writing into one
+    /// outside the lock (whole-image changes).
     fn wait_allocations(&self, m: &mut parking_lot::MutexGuard<'_, Meta>) {
-        while !m.allocating.is_empty() {
+        while !m.allocating.is_empty() || !m.in_place.is_empty() {
             self.alloc_done.wait(m);
         }
     }
 
-    /// Waits until no write is placing a cluster of guest clusters
-    /// `first..=last`.
+    /// Waits until no write is placing or writing into a cluster of guest
+    /// clusters `first..=last`.
     fn wait_allocations_in(
         &self,
         m: &mut parking_lot::MutexGuard<'_, Meta>,
         first: u64,
         last: u64,
     ) {
-        while m.allocating.iter().any(|c| (first..=last).contains(c)) {
+        while m.allocating.iter().any(|c| (first..=last).contains(c))
+            || m.in_place.keys().any(|c| (first..=last).contains(c))
+        {
             self.alloc_done.wait(m);
         }
     }
@@ -2260,6 +2306,8 @@ struct Run {
     l1i: u64,
     /// The clusters newly placed, linked once the data is written.
     pending: Vec<Placed>,
+    /// Guest clusters written in place (their `Meta::in_place` counts).
+    in_place: Vec<u64>,
 }
 
 /// A guest cluster given a new host cluster by a write in progress.

@@ -296,7 +296,11 @@ fn racing_writes_into_fresh_clusters_place_each_cluster_once() {
                         let n = 1 + rng.below(4.min(CLUSTERS - first));
                         let (off, len) = (first * CS, n * CS);
                         match rng.below(10) {
-                            0 => img.discard(off, len).unwrap(),
+                            0 => {
+                                img.discard(off, len).unwrap();
+                                // Frees the clusters for reuse by others.
+                                img.flush().unwrap();
+                            }
                             1 => img.write_zeroes(off, len, rng.below(2) == 0, None).unwrap(),
                             2 | 3 => {
                                 // Unaligned: partial clusters at both ends.
@@ -306,9 +310,15 @@ fn racing_writes_into_fresh_clusters_place_each_cluster_once() {
                                 continue;
                             }
                             _ => {
-                                // Every byte of a cluster says which request wrote it.
+                                // Every other byte names the guest cluster, the
+                                // others the request: a write that lands in
+                                // another cluster's storage shows.
                                 let v = 1 + (t * 40 + rng.below(40)) as u8 % 250;
-                                img.write(off, &vec![v; len as usize], None).unwrap();
+                                let mut data = vec![v; len as usize];
+                                for (i, b) in data.iter_mut().enumerate().step_by(2) {
+                                    *b = 1 + (first + i as u64 / CS) as u8;
+                                }
+                                img.write(off, &data, None).unwrap();
                             }
                         }
                     }
@@ -318,11 +328,20 @@ fn racing_writes_into_fresh_clusters_place_each_cluster_once() {
         for c in 0..CLUSTERS {
             let mut got = vec![0u8; CS as usize];
             img.read(c * CS, &mut got, None).unwrap();
-            // One request's bytes, or unaligned 0xee writes over them.
-            let base = got.iter().copied().find(|b| *b != 0xee).unwrap_or(0xee);
+            // One request's bytes, or unaligned 0xee writes over them; the
+            // tag bytes name this cluster.
+            let odd: Vec<u8> = got.iter().skip(1).step_by(2).copied().collect();
+            let base = odd.iter().copied().find(|b| *b != 0xee).unwrap_or(0xee);
             assert!(
-                got.iter().all(|b| *b == base || *b == 0xee),
+                odd.iter().all(|b| *b == base || *b == 0xee),
                 "round {round}: cluster {c} mixes requests"
+            );
+            let tag = 1 + c as u8;
+            assert!(
+                got.iter()
+                    .step_by(2)
+                    .all(|b| *b == tag || *b == 0xee || (*b == 0 && base == 0)),
+                "round {round}: cluster {c} holds another cluster's data"
             );
         }
         let r = img.check().unwrap();
@@ -369,7 +388,11 @@ fn racing_writes_into_fresh_clusters_in_a_file() {
                         let n = 1 + rng.below(4.min(CLUSTERS - first));
                         let (off, len) = (first * CS, n * CS);
                         match rng.below(10) {
-                            0 => img.discard(off, len).unwrap(),
+                            0 => {
+                                img.discard(off, len).unwrap();
+                                // Frees the clusters for reuse by others.
+                                img.flush().unwrap();
+                            }
                             1 => img.write_zeroes(off, len, rng.below(2) == 0, None).unwrap(),
                             2 | 3 => {
                                 // Unaligned: partial clusters at both ends.
@@ -379,9 +402,15 @@ fn racing_writes_into_fresh_clusters_in_a_file() {
                                 continue;
                             }
                             _ => {
-                                // Every byte of a cluster says which request wrote it.
+                                // Every other byte names the guest cluster, the
+                                // others the request: a write that lands in
+                                // another cluster's storage shows.
                                 let v = 1 + (t * 40 + rng.below(40)) as u8 % 250;
-                                img.write(off, &vec![v; len as usize], None).unwrap();
+                                let mut data = vec![v; len as usize];
+                                for (i, b) in data.iter_mut().enumerate().step_by(2) {
+                                    *b = 1 + (first + i as u64 / CS) as u8;
+                                }
+                                img.write(off, &data, None).unwrap();
                             }
                         }
                     }
@@ -391,11 +420,20 @@ fn racing_writes_into_fresh_clusters_in_a_file() {
         for c in 0..CLUSTERS {
             let mut got = vec![0u8; CS as usize];
             img.read(c * CS, &mut got, None).unwrap();
-            // One request's bytes, or unaligned 0xee writes over them.
-            let base = got.iter().copied().find(|b| *b != 0xee).unwrap_or(0xee);
+            // One request's bytes, or unaligned 0xee writes over them; the
+            // tag bytes name this cluster.
+            let odd: Vec<u8> = got.iter().skip(1).step_by(2).copied().collect();
+            let base = odd.iter().copied().find(|b| *b != 0xee).unwrap_or(0xee);
             assert!(
-                got.iter().all(|b| *b == base || *b == 0xee),
+                odd.iter().all(|b| *b == base || *b == 0xee),
                 "round {round}: cluster {c} mixes requests"
+            );
+            let tag = 1 + c as u8;
+            assert!(
+                got.iter()
+                    .step_by(2)
+                    .all(|b| *b == tag || *b == 0xee || (*b == 0 && base == 0)),
+                "round {round}: cluster {c} holds another cluster's data"
             );
         }
         let r = img.check().unwrap();
