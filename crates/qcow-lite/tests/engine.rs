@@ -271,89 +271,7 @@ fn many_threads_write_and_read_their_own_ranges() {
 /// (no leak from a cluster placed twice) and `make_empty` exact.
 #[test]
 fn racing_writes_into_fresh_clusters_place_each_cluster_once() {
-    const CS: u64 = 4096;
-    const CLUSTERS: u64 = 64;
-    let st = Arc::new(MemStorage::new());
-    let img = Arc::new(
-        Qcow2::create(
-            st,
-            &CreateOptions {
-                size: CLUSTERS * CS,
-                cluster_size: CS,
-                ..Default::default()
-            },
-        )
-        .unwrap(),
-    );
-    for round in 0..20u64 {
-        std::thread::scope(|s| {
-            for t in 0..6u64 {
-                let img = &img;
-                s.spawn(move || {
-                    let mut rng = Rng::new(round * 100 + t);
-                    for _ in 0..40 {
-                        let first = rng.below(CLUSTERS);
-                        let n = 1 + rng.below(4.min(CLUSTERS - first));
-                        let (off, len) = (first * CS, n * CS);
-                        match rng.below(10) {
-                            0 => {
-                                img.discard(off, len).unwrap();
-                                // Frees the clusters for reuse by others.
-                                img.flush().unwrap();
-                            }
-                            1 => img.write_zeroes(off, len, rng.below(2) == 0, None).unwrap(),
-                            2 | 3 => {
-                                // Unaligned: partial clusters at both ends.
-                                let o = off + rng.below(CS);
-                                let l = (1 + rng.below(len)).min(CLUSTERS * CS - o);
-                                img.write(o, &vec![0xee; l as usize], None).unwrap();
-                                continue;
-                            }
-                            _ => {
-                                // Every other byte names the guest cluster, the
-                                // others the request: a write that lands in
-                                // another cluster's storage shows.
-                                let v = 1 + (t * 40 + rng.below(40)) as u8 % 250;
-                                let mut data = vec![v; len as usize];
-                                for (i, b) in data.iter_mut().enumerate().step_by(2) {
-                                    *b = 1 + (first + i as u64 / CS) as u8;
-                                }
-                                img.write(off, &data, None).unwrap();
-                            }
-                        }
-                    }
-                });
-            }
-        });
-        for c in 0..CLUSTERS {
-            let mut got = vec![0u8; CS as usize];
-            img.read(c * CS, &mut got, None).unwrap();
-            // One request's bytes, or unaligned 0xee writes over them; the
-            // tag bytes name this cluster.
-            let odd: Vec<u8> = got.iter().skip(1).step_by(2).copied().collect();
-            let base = odd.iter().copied().find(|b| *b != 0xee).unwrap_or(0xee);
-            assert!(
-                odd.iter().all(|b| *b == base || *b == 0xee),
-                "round {round}: cluster {c} mixes requests"
-            );
-            let tag = 1 + c as u8;
-            assert!(
-                got.iter()
-                    .step_by(2)
-                    .all(|b| *b == tag || *b == 0xee || (*b == 0 && base == 0)),
-                "round {round}: cluster {c} holds another cluster's data"
-            );
-        }
-        let r = img.check().unwrap();
-        assert!(r.is_clean(), "round {round}: {r:?}");
-        if round % 5 == 4 {
-            img.make_empty().unwrap();
-            img.flush().unwrap();
-            let mut got = vec![1u8; (CLUSTERS * CS) as usize];
-            img.read(0, &mut got, None).unwrap();
-            assert!(got.iter().all(|b| *b == 0), "round {round}: not empty");
-        }
-    }
+    race_fresh_clusters(Arc::new(MemStorage::new()), 4096);
 }
 
 /// The same race on a real file: slower writes widen the windows. This one
@@ -363,15 +281,21 @@ fn racing_writes_into_fresh_clusters_place_each_cluster_once() {
 #[test]
 fn racing_writes_into_fresh_clusters_in_a_file() {
     let dir = tempfile::tempdir().unwrap();
-    const CS: u64 = 65536;
+    race_fresh_clusters(file(&dir.path().join("race.qcow2")), 65536);
+}
+
+/// Six threads mix whole, unaligned, zero and discard-plus-flush requests
+/// over a fresh 64-cluster image, 20 rounds; after each round
+/// every cluster holds one request's bytes (or unaligned 0xee over them)
+/// tagged with its own index, and the image checks clean.
+fn race_fresh_clusters<S: Storage>(st: S, cs: u64) {
     const CLUSTERS: u64 = 64;
-    let st = file(&dir.path().join("race.qcow2"));
     let img = Arc::new(
         Qcow2::create(
             st,
             &CreateOptions {
-                size: CLUSTERS * CS,
-                cluster_size: CS,
+                size: CLUSTERS * cs,
+                cluster_size: cs,
                 ..Default::default()
             },
         )
@@ -386,7 +310,7 @@ fn racing_writes_into_fresh_clusters_in_a_file() {
                     for _ in 0..40 {
                         let first = rng.below(CLUSTERS);
                         let n = 1 + rng.below(4.min(CLUSTERS - first));
-                        let (off, len) = (first * CS, n * CS);
+                        let (off, len) = (first * cs, n * cs);
                         match rng.below(10) {
                             0 => {
                                 img.discard(off, len).unwrap();
@@ -396,8 +320,8 @@ fn racing_writes_into_fresh_clusters_in_a_file() {
                             1 => img.write_zeroes(off, len, rng.below(2) == 0, None).unwrap(),
                             2 | 3 => {
                                 // Unaligned: partial clusters at both ends.
-                                let o = off + rng.below(CS);
-                                let l = (1 + rng.below(len)).min(CLUSTERS * CS - o);
+                                let o = off + rng.below(cs);
+                                let l = (1 + rng.below(len)).min(CLUSTERS * cs - o);
                                 img.write(o, &vec![0xee; l as usize], None).unwrap();
                                 continue;
                             }
@@ -408,7 +332,7 @@ fn racing_writes_into_fresh_clusters_in_a_file() {
                                 let v = 1 + (t * 40 + rng.below(40)) as u8 % 250;
                                 let mut data = vec![v; len as usize];
                                 for (i, b) in data.iter_mut().enumerate().step_by(2) {
-                                    *b = 1 + (first + i as u64 / CS) as u8;
+                                    *b = 1 + (first + i as u64 / cs) as u8;
                                 }
                                 img.write(off, &data, None).unwrap();
                             }
@@ -418,8 +342,8 @@ fn racing_writes_into_fresh_clusters_in_a_file() {
             }
         });
         for c in 0..CLUSTERS {
-            let mut got = vec![0u8; CS as usize];
-            img.read(c * CS, &mut got, None).unwrap();
+            let mut got = vec![0u8; cs as usize];
+            img.read(c * cs, &mut got, None).unwrap();
             // One request's bytes, or unaligned 0xee writes over them; the
             // tag bytes name this cluster.
             let odd: Vec<u8> = got.iter().skip(1).step_by(2).copied().collect();
@@ -441,7 +365,7 @@ fn racing_writes_into_fresh_clusters_in_a_file() {
         if round % 5 == 4 {
             img.make_empty().unwrap();
             img.flush().unwrap();
-            let mut got = vec![1u8; (CLUSTERS * CS) as usize];
+            let mut got = vec![1u8; (CLUSTERS * cs) as usize];
             img.read(0, &mut got, None).unwrap();
             assert!(got.iter().all(|b| *b == 0), "round {round}: not empty");
         }
