@@ -19,6 +19,19 @@ use serde_json::json;
 const CS: u64 = 65536;
 const SIZE: u64 = 8 * CS;
 
+/// Waits (20 s at most) for `job` to end, expecting `outcome`.
+fn assert_ends(job: &Job, outcome: JobOutcome) {
+    let got = job.wait_timeout(Duration::from_secs(20));
+    assert!(
+        matches!(
+            (&got, &outcome),
+            (Some(JobOutcome::Completed), JobOutcome::Completed)
+                | (Some(JobOutcome::Cancelled), JobOutcome::Cancelled)
+        ),
+        "job ended with {got:?}, expected {outcome:?}"
+    );
+}
+
 fn busy(node: &str, job: &str) -> String {
     format!("Node '{node}' is busy: block device is in use by block job: {job}")
 }
@@ -82,10 +95,7 @@ fn commit_opts(id: &str) -> CommitOptions {
 /// Cancels a job that does not dismiss itself, waits, dismisses.
 fn cancel_and_dismiss(j: &Job) {
     j.cancel(true).unwrap();
-    assert!(matches!(
-        j.wait_timeout(Duration::from_secs(20)),
-        Some(JobOutcome::Cancelled)
-    ));
+    assert_ends(j, JobOutcome::Cancelled);
     assert_eq!(j.status(), JobStatus::Concluded);
     j.dismiss().unwrap();
     assert_eq!(j.status(), JobStatus::Null);
@@ -198,10 +208,7 @@ fn mirror_into_a_backups_target() {
     assert_busy(e, "tgt", "mirror");
     assert!(mj.job().wait_ready(Duration::from_secs(20)));
     mj.job().cancel(false).unwrap();
-    assert!(matches!(
-        mj.job().wait_timeout(Duration::from_secs(20)),
-        Some(JobOutcome::Completed)
-    ));
+    assert_ends(mj.job(), JobOutcome::Completed);
     assert_free(&s2);
     assert_free(&tgt);
 }
@@ -258,10 +265,7 @@ fn commit_whose_base_or_intermediate_is_a_backups_target() {
     let e = try_backup(&m, &g, &src, &mid, "b3").unwrap_err();
     assert_busy(e, "mid", "commit");
     c.job().cancel(true).unwrap();
-    assert!(matches!(
-        c.job().wait_timeout(Duration::from_secs(20)),
-        Some(JobOutcome::Cancelled)
-    ));
+    assert_ends(c.job(), JobOutcome::Cancelled);
     for n in [&top, &mid, &base, &active] {
         assert_free(n);
     }
@@ -308,10 +312,7 @@ fn active_commit_blocks_its_chain_and_names_commit() {
     assert_busy(e, "top", "commit");
     assert!(ac.job().wait_ready(Duration::from_secs(20)));
     ac.job().cancel(true).unwrap();
-    assert!(matches!(
-        ac.job().wait_timeout(Duration::from_secs(20)),
-        Some(JobOutcome::Cancelled)
-    ));
+    assert_ends(ac.job(), JobOutcome::Cancelled);
     for n in [&active, &top, &mid, &base, &other] {
         assert_free(n);
     }
@@ -343,10 +344,7 @@ fn stream_blocks_top_and_the_nodes_above_base_only() {
     let e = try_backup(&m, &g, &src, &mid, "b1").unwrap_err();
     assert_busy(e, "mid", "stream");
     st.job().cancel(true).unwrap();
-    assert!(matches!(
-        st.job().wait_timeout(Duration::from_secs(20)),
-        Some(JobOutcome::Cancelled)
-    ));
+    assert_ends(st.job(), JobOutcome::Cancelled);
     assert_free(&top);
     assert_free(&mid);
 }
