@@ -80,6 +80,26 @@ fn writer(n: Backend, seed: u64, stop: Arc<AtomicBool>) -> std::thread::JoinHand
     })
 }
 
+/// Backup "j1", sync=full from `src` to `dst`, at 8 MiB/s (about 0.4 s for
+/// these disks): still running while the scenario goes on.
+fn slow_full_backup(m: &JobManager, g: &Graph, src: &NodeRef, dst: &NodeRef) -> BackupJob {
+    BackupJob::start(
+        m,
+        g,
+        src,
+        dst,
+        BackupOptions {
+            sync: BackupSync::Full,
+            job: JobOptions {
+                speed: 8 * MIB,
+                ..JobOptions::with_id("j1")
+            },
+            ..Default::default()
+        },
+    )
+    .unwrap()
+}
+
 /// The sequence of the hung daemon: backup j1 b -> q (q has b as a child),
 /// mirror j2 e -> q with writes on e, then a new child r attached to q.
 /// As in QEMU, j2 is refused while j1 runs (q is in use by j1: every job
@@ -103,22 +123,8 @@ fn backup_into_parent_then_mirror_then_attach(round: u64) {
     .unwrap();
     let ge = guest(&g, &e);
     let m = JobManager::new();
-    let j1 = BackupJob::start(
-        &m,
-        &g,
-        &b,
-        &q,
-        BackupOptions {
-            sync: BackupSync::Full,
-            // about 0.4 s: still running when j2 is tried and r attached
-            job: JobOptions {
-                speed: 8 * MIB,
-                ..JobOptions::with_id("j1")
-            },
-            ..Default::default()
-        },
-    )
-    .unwrap();
+    // about 0.4 s: still running when j2 is tried and r attached
+    let j1 = slow_full_backup(&m, &g, &b, &q);
     // q keeps its own edge to b: writes into q must not come back through
     // the filter above b
     let (_, kid) = q.children().into_iter().next().unwrap();
@@ -197,22 +203,8 @@ fn mirror_into_quorum_with_backup_then_attach(round: u64, at: At) {
     .unwrap();
     let ge = guest(&g, &e);
     let m = JobManager::new();
-    let j1 = BackupJob::start(
-        &m,
-        &g,
-        &b,
-        &t,
-        BackupOptions {
-            sync: BackupSync::Full,
-            job: JobOptions {
-                // slow enough to still run during the attach
-                speed: 8 * MIB,
-                ..JobOptions::with_id("j1")
-            },
-            ..Default::default()
-        },
-    )
-    .unwrap();
+    // slow enough to still run during the attach
+    let j1 = slow_full_backup(&m, &g, &b, &t);
     let j2 = MirrorJob::start(
         &m,
         &g,
