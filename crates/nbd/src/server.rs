@@ -3,7 +3,9 @@
 //!
 //! Each connection gets one thread that negotiates and then reads requests, and a
 //! small pool of worker threads that run them against the [`Export`] and write
-//! replies (under a mutex) as they complete. Payload buffers are sized only after
+//! replies (under a mutex) as they complete. A lone request is run by the
+//! thread that read it while a worker takes over the reading (see
+//! `Transmission`). Payload buffers are sized only after
 //! the length was checked against [`MAX_PAYLOAD`], and the bytes in flight per
 //! connection are bounded by a budget, so a hostile client cannot make the server
 //! allocate more than that.
@@ -12,10 +14,10 @@ use std::collections::{BTreeMap, HashMap};
 use std::io::{BufReader, Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream, ToSocketAddrs};
 use std::os::unix::fs::PermissionsExt;
-use std::os::unix::io::AsRawFd;
+use std::os::unix::io::{AsRawFd, RawFd};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::Duration;
@@ -93,6 +95,33 @@ impl Sock {
             Sock::Unix(s) => s.shutdown(how),
         };
     }
+}
+
+impl AsRawFd for Sock {
+    fn as_raw_fd(&self) -> RawFd {
+        match self {
+            Sock::Tcp(s) => s.as_raw_fd(),
+            Sock::Unix(s) => s.as_raw_fd(),
+        }
+    }
+}
+
+/// Whether bytes (or the end of the stream) can be read from `fd` at once.
+fn readable_now(fd: RawFd) -> bool {
+    let mut b = 0u8;
+    // SAFETY: `b` is a valid one-byte buffer for the duration of the call;
+    // MSG_PEEK leaves the byte in the socket and MSG_DONTWAIT never sleeps.
+    let n = unsafe {
+        libc::recv(
+            fd,
+            (&mut b as *mut u8).cast(),
+            1,
+            libc::MSG_PEEK | libc::MSG_DONTWAIT,
+        )
+    };
+    // 1: data; 0: end of stream; -1 with EAGAIN: nothing yet. Other errors
+    // count as readable: the read that follows reports them.
+    n >= 0 || std::io::Error::last_os_error().raw_os_error() != Some(libc::EAGAIN)
 }
 
 impl Read for Sock {
@@ -341,7 +370,8 @@ impl NbdServer {
         let spawned = std::thread::Builder::new()
             .name(format!("nbd-conn-{id}"))
             .spawn(move || {
-                let _ = inner.serve(&shared, rd, wr);
+                let fd = rd.as_raw_fd();
+                let _ = inner.serve(&shared, rd, wr, Some(fd));
                 if let Some(s) = &shared.sock {
                     s.shutdown(Shutdown::Both);
                 }
@@ -354,14 +384,14 @@ impl NbdServer {
 
     /// Serves one connection over an arbitrary byte stream until it ends, in the
     /// calling thread. For tests and fuzzing; sockets are served by the listeners.
-    pub fn serve_io<R: Read, W: Write + Send>(&self, reader: R, writer: W) -> Result<()> {
+    pub fn serve_io<R: Read + Send, W: Write + Send>(&self, reader: R, writer: W) -> Result<()> {
         let id = self.inner.next_conn.fetch_add(1, Ordering::Relaxed);
         let shared = Arc::new(ConnShared {
             export: Mutex::new(None),
             sock: None,
         });
         self.inner.conns.lock().insert(id, shared.clone());
-        let r = self.inner.serve(&shared, reader, writer);
+        let r = self.inner.serve(&shared, reader, writer, None);
         self.inner.conn_done(id);
         r
     }
@@ -401,9 +431,12 @@ struct Session {
     base_allocation: bool,
 }
 
-struct Job {
-    req: Request,
-    data: Vec<u8>,
+/// Work for a connection's threads.
+enum Job {
+    /// Take over reading requests.
+    Read,
+    /// Answer a request (a WRITE's payload in `data`).
+    Request { req: Request, data: Vec<u8> },
 }
 
 enum Outcome {
@@ -629,17 +662,18 @@ impl Inner {
         Some(entry)
     }
 
-    fn serve<R: Read, W: Write + Send>(
+    fn serve<R: Read + Send, W: Write + Send>(
         &self,
         conn: &ConnShared,
         reader: R,
         mut writer: W,
+        fd: Option<RawFd>,
     ) -> Result<()> {
         let mut reader = BufReader::with_capacity(128 * 1024, reader);
         let Some(session) = self.handshake(conn, &mut reader, &mut writer)? else {
             return Ok(());
         };
-        self.transmission(session, reader, writer)
+        self.transmission(session, reader, writer, fd)
     }
 
     fn handshake<R: Read, W: Write>(
@@ -863,101 +897,187 @@ impl Inner {
         }
     }
 
-    fn transmission<R: Read, W: Write + Send>(
+    fn transmission<R: Read + Send, W: Write + Send>(
         &self,
         session: Session,
-        mut r: R,
+        r: BufReader<R>,
         w: W,
+        fd: Option<RawFd>,
     ) -> Result<()> {
-        let writer = std::sync::Mutex::new(w);
-        let broken = AtomicBool::new(false);
-        let budget = Budget {
-            used: std::sync::Mutex::new((0, false)),
-            freed: std::sync::Condvar::new(),
-            limit: self.config.inflight_bytes.max(MAX_PAYLOAD as u64),
-        };
         let workers = self.config.workers_per_connection.max(1);
-        let queue = JobQueue::new(workers * 4);
-        let session = &session;
+        let conn = Transmission {
+            session,
+            reader: std::sync::Mutex::new(r),
+            fd,
+            writer: std::sync::Mutex::new(w),
+            broken: AtomicBool::new(false),
+            budget: Budget {
+                used: std::sync::Mutex::new((0, false)),
+                freed: std::sync::Condvar::new(),
+                limit: self.config.inflight_bytes.max(MAX_PAYLOAD as u64),
+            },
+            queue: JobQueue::new(workers * 4),
+            queued: AtomicUsize::new(0),
+            end: std::sync::Mutex::new(None),
+        };
+        let conn = &conn;
         std::thread::scope(|scope| {
             for i in 0..workers {
-                let (writer, broken, budget, queue) = (&writer, &broken, &budget, &queue);
                 let spawned = std::thread::Builder::new()
                     .name(format!("nbd-worker-{i}"))
-                    .spawn_scoped(scope, move || {
-                        while let Some(job) = queue.pop() {
-                            let reserved = payload_reservation(&job.req);
-                            let outcome = execute(session, &job);
-                            drop(job.data);
-                            if send_reply(session, &job.req, outcome, writer).is_err() {
-                                broken.store(true, Ordering::Release);
-                            }
-                            budget.give(reserved);
-                        }
-                    });
+                    .spawn_scoped(scope, move || conn.work());
                 if let Err(e) = spawned {
-                    queue.close();
-                    return Err(NbdError::io("spawn worker thread", e));
+                    conn.finish(Err(NbdError::io("spawn worker thread", e)));
+                    return;
                 }
             }
-            let result = (|| -> Result<()> {
-                loop {
-                    if broken.load(Ordering::Acquire) {
-                        return Err(NbdError::new(ErrorKind::Disconnected, "reply write failed"));
+            conn.read_requests();
+            conn.work();
+        });
+        let end = lock(&conn.end).take();
+        end.unwrap_or(Ok(()))
+    }
+}
+
+/// One connection in transmission. The thread holding `reader` reads
+/// requests and queues them for the workers; a lone request (none queued, no
+/// more input) it runs itself instead of waking a worker for it, after handing
+/// the reading on to a worker through the queue ([`Job::Read`]), so a request
+/// that takes long never stops the connection's other requests.
+struct Transmission<R, W> {
+    session: Session,
+    reader: std::sync::Mutex<BufReader<R>>,
+    /// The socket under `reader`, when there is one to look at for more input.
+    fd: Option<RawFd>,
+    writer: std::sync::Mutex<W>,
+    /// A reply could not be written: the connection is over.
+    broken: AtomicBool,
+    budget: Budget,
+    queue: JobQueue,
+    /// Requests handed to the workers and not answered yet.
+    queued: AtomicUsize,
+    /// How the connection ended (the first reason wins).
+    end: std::sync::Mutex<Option<Result<()>>>,
+}
+
+impl<R: Read, W: Write> Transmission<R, W> {
+    /// Records why the connection ends and lets the workers finish.
+    fn finish(&self, why: Result<()>) {
+        lock(&self.end).get_or_insert(why);
+        self.queue.close();
+    }
+
+    /// Runs queued work until the connection ends.
+    fn work(&self) {
+        while let Some(job) = self.queue.pop() {
+            match job {
+                Job::Read => self.read_requests(),
+                Job::Request { req, data } => {
+                    self.answer(&req, data);
+                    self.queued.fetch_sub(1, Ordering::AcqRel);
+                }
+            }
+        }
+    }
+
+    /// Executes one request and writes its reply.
+    fn answer(&self, req: &Request, data: Vec<u8>) {
+        let reserved = payload_reservation(req);
+        let outcome = execute(&self.session, req, &data);
+        drop(data);
+        if send_reply(&self.session, req, outcome, &self.writer).is_err() {
+            self.broken.store(true, Ordering::Release);
+            self.finish(Err(NbdError::new(
+                ErrorKind::Disconnected,
+                "reply write failed",
+            )));
+        }
+        self.budget.give(reserved);
+    }
+
+    /// Reads requests while this thread holds the reading role.
+    fn read_requests(&self) {
+        let mut r = lock(&self.reader);
+        loop {
+            match self.read_one(&mut r) {
+                Ok(Some((req, data))) => {
+                    let lone = self.fd.is_some_and(|fd| {
+                        self.queued.load(Ordering::Acquire) == 0
+                            && r.buffer().is_empty()
+                            && !readable_now(fd)
+                    });
+                    if lone && self.queue.push(Job::Read) {
+                        // Waking a sleeping worker costs more than a small
+                        // request: the worker takes over the reading while
+                        // this thread, already running, answers the request.
+                        drop(r);
+                        self.answer(&req, data);
+                        return;
                     }
-                    let mut hdr = [0u8; 28];
-                    match r.read(&mut hdr[..1]) {
-                        Ok(0) => return Ok(()), // client gone between requests
-                        Ok(_) => {}
-                        Err(e) => return Err(NbdError::io("read request", e)),
-                    }
-                    r.read_exact(&mut hdr[1..])
-                        .map_err(io_err("read request"))?;
-                    let req = Request::decode(&hdr)?;
-                    match req.cmd {
-                        CMD_DISC => return Ok(()),
-                        CMD_WRITE if req.len > MAX_PAYLOAD => {
-                            let _ = send_reply(
-                                session,
-                                &req,
-                                Err(NbdError::new(
-                                    ErrorKind::InvalidArgument,
-                                    "write larger than 32 MiB",
-                                )),
-                                &writer,
-                            );
-                            return Err(NbdError::protocol(format!(
-                                "WRITE of {} bytes exceeds the advertised maximum",
-                                req.len
-                            )));
-                        }
-                        _ => {}
-                    }
-                    let reserve = payload_reservation(&req);
-                    budget.take(reserve);
-                    let mut data = Vec::new();
-                    if req.cmd == CMD_WRITE {
-                        // Length checked above; read_to_end fills the capacity
-                        // without zeroing it first.
-                        data.reserve_exact(req.len as usize);
-                        let got = r.by_ref().take(req.len as u64).read_to_end(&mut data);
-                        if got.is_err() || data.len() != req.len as usize {
-                            budget.give(reserve);
-                            return Err(NbdError::new(
-                                ErrorKind::Disconnected,
-                                format!("client gone during {} byte write payload", req.len),
-                            ));
-                        }
-                    }
-                    if !queue.push(Job { req, data }) {
-                        budget.give(reserve);
-                        return Err(NbdError::new(ErrorKind::Io, "workers gone"));
+                    self.queued.fetch_add(1, Ordering::AcqRel);
+                    if !self.queue.push(Job::Request { req, data }) {
+                        self.queued.fetch_sub(1, Ordering::AcqRel);
+                        self.budget.give(payload_reservation(&req));
+                        return;
                     }
                 }
-            })();
-            queue.close();
-            result
-        })
+                Ok(None) => return self.finish(Ok(())),
+                Err(e) => return self.finish(Err(e)),
+            }
+        }
+    }
+
+    /// Reads the next request with its payload (its bytes reserved in the
+    /// budget); None when the client ended the connection.
+    fn read_one(&self, r: &mut BufReader<R>) -> Result<Option<(Request, Vec<u8>)>> {
+        if self.broken.load(Ordering::Acquire) {
+            return Err(NbdError::new(ErrorKind::Disconnected, "reply write failed"));
+        }
+        let mut hdr = [0u8; 28];
+        match r.read(&mut hdr[..1]) {
+            Ok(0) => return Ok(None), // client gone between requests
+            Ok(_) => {}
+            Err(e) => return Err(NbdError::io("read request", e)),
+        }
+        r.read_exact(&mut hdr[1..])
+            .map_err(io_err("read request"))?;
+        let req = Request::decode(&hdr)?;
+        match req.cmd {
+            CMD_DISC => return Ok(None),
+            CMD_WRITE if req.len > MAX_PAYLOAD => {
+                let _ = send_reply(
+                    &self.session,
+                    &req,
+                    Err(NbdError::new(
+                        ErrorKind::InvalidArgument,
+                        "write larger than 32 MiB",
+                    )),
+                    &self.writer,
+                );
+                return Err(NbdError::protocol(format!(
+                    "WRITE of {} bytes exceeds the advertised maximum",
+                    req.len
+                )));
+            }
+            _ => {}
+        }
+        let reserve = payload_reservation(&req);
+        self.budget.take(reserve);
+        let mut data = Vec::new();
+        if req.cmd == CMD_WRITE {
+            // Length checked above; read_to_end fills the capacity without
+            // zeroing it first.
+            data.reserve_exact(req.len as usize);
+            let got = r.by_ref().take(req.len as u64).read_to_end(&mut data);
+            if got.is_err() || data.len() != req.len as usize {
+                self.budget.give(reserve);
+                return Err(NbdError::new(
+                    ErrorKind::Disconnected,
+                    format!("client gone during {} byte write payload", req.len),
+                ));
+            }
+        }
+        Ok(Some((req, data)))
     }
 }
 
@@ -976,8 +1096,7 @@ fn check(cond: bool, kind: ErrorKind, msg: impl FnOnce() -> String) -> Result<()
     }
 }
 
-fn execute(s: &Session, job: &Job) -> Result<Outcome> {
-    let req = &job.req;
+fn execute(s: &Session, req: &Request, data: &[u8]) -> Result<Outcome> {
     let e = &s.entry;
     let size = e.export.size();
     let (off, len) = (req.offset, req.len as u64);
@@ -1033,7 +1152,7 @@ fn execute(s: &Session, job: &Job) -> Result<Outcome> {
             Ok(Outcome::Data(buf))
         }
         CMD_WRITE => {
-            e.export.write(off, &job.data, fua)?;
+            e.export.write(off, data, fua)?;
             Ok(Outcome::Done)
         }
         CMD_FLUSH => {
