@@ -64,6 +64,11 @@ impl TableCache {
         Some(e)
     }
 
+    /// The entry at `off`, without counting it as a use.
+    pub fn peek_mut(&mut self, off: u64) -> Option<&mut CacheEntry> {
+        self.map.get_mut(&off)
+    }
+
     pub fn insert(&mut self, off: u64, data: Vec<u8>, dirty: bool) {
         self.tick += 1;
         self.map.insert(
@@ -74,10 +79,6 @@ impl TableCache {
                 last_use: self.tick,
             },
         );
-    }
-
-    pub fn remove(&mut self, off: u64) -> Option<CacheEntry> {
-        self.map.remove(&off)
     }
 
     /// Evict the least recently used clean entry, except `keep`. Returns false

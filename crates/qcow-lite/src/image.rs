@@ -688,17 +688,26 @@ impl<S: Storage> Qcow2<S> {
             return Ok(());
         }
         // Every cached table is dirty: their data and refcounts must be
-        // durable before the tables may reach the disk.
+        // durable before the tables may reach the disk. Once they are, every
+        // dirty table may be written: all of them go, so that the next
+        // tables find clean ones to evict instead of each paying this sync
+        // (writes spread over a large disk, a new table each, cost one
+        // `fdatasync` per write when only one table was written here).
         self.write_refcounts_ordered(m)?;
         for off in m.l2.dirty_offsets() {
             if off == keep {
                 continue;
             }
-            if let Some(e) = m.l2.remove(off) {
-                self.swrite(m, &e.data, off, "L2 table write")?;
+            let Some(data) = m.l2.peek_mut(off).map(|e| e.data.clone()) else {
+                continue;
+            };
+            self.swrite(m, &data, off, "L2 table write")?;
+            // Clean only once written: a failed write leaves it to retry.
+            if let Some(e) = m.l2.peek_mut(off) {
+                e.dirty = false;
             }
-            break;
         }
+        m.l2.evict_clean(keep);
         Ok(())
     }
 

@@ -725,3 +725,84 @@ fn make_empty_frees_tables_outside_the_cache_and_leaves_a_clean_image() {
     assert_eq!(std::fs::metadata(&p).unwrap().len(), empty_len);
     assert_qemu_check_clean(&p);
 }
+
+/// A storage that counts its flushes.
+struct CountFlushes {
+    inner: MemStorage,
+    flushes: std::sync::atomic::AtomicU64,
+}
+
+impl Storage for CountFlushes {
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> std::io::Result<()> {
+        self.inner.read_at(buf, offset)
+    }
+    fn write_at(&self, buf: &[u8], offset: u64) -> std::io::Result<()> {
+        self.inner.write_at(buf, offset)
+    }
+    fn flush(&self) -> std::io::Result<()> {
+        self.flushes
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        self.inner.flush()
+    }
+    fn len(&self) -> std::io::Result<u64> {
+        self.inner.len()
+    }
+    fn set_len(&self, len: u64) -> std::io::Result<()> {
+        self.inner.set_len(len)
+    }
+}
+
+/// Writes spread over a disk, one new L2 table each, with a cache of 4
+/// tables: once every cached table is dirty, making room writes them all
+/// after one ordered sync, rather than one table per sync (which cost a
+/// storage flush per guest write). The data and mappings stay exact.
+#[test]
+fn spread_writes_with_a_full_dirty_l2_cache_flush_rarely() {
+    let st = Arc::new(CountFlushes {
+        inner: MemStorage::new(),
+        flushes: Default::default(),
+    });
+    let cs = 4096u64;
+    // An L2 table of 4 KiB clusters maps 512 clusters = 2 MiB.
+    let per_table = cs / 8 * cs;
+    let n = 64u64;
+    Qcow2::create(
+        st.clone(),
+        &CreateOptions {
+            size: n * per_table,
+            cluster_size: cs,
+            ..Default::default()
+        },
+    )
+    .unwrap()
+    .close()
+    .unwrap();
+    let img = Qcow2::open_with(
+        st.clone(),
+        OpenOptions {
+            l2_cache_tables: 4,
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    let before = st.flushes.load(std::sync::atomic::Ordering::Relaxed);
+    for i in 0..n {
+        img.write(i * per_table + 512, &pattern(i, 1000, 7), None)
+            .unwrap();
+    }
+    let during = st.flushes.load(std::sync::atomic::Ordering::Relaxed) - before;
+    // One make-room round (a sync or two) per 3 new tables at most; one
+    // table per round would be at least one per write.
+    assert!(
+        during <= 2 * n / 3,
+        "{during} storage flushes for {n} writes into new tables"
+    );
+    for i in 0..n {
+        let mut b = vec![0u8; 1000];
+        img.read(i * per_table + 512, &mut b, None).unwrap();
+        assert_eq!(b, pattern(i, 1000, 7), "write {i}");
+    }
+    let r = img.check().unwrap();
+    assert!(r.is_clean(), "{r:?}");
+    img.close().unwrap();
+}
