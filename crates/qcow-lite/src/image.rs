@@ -23,6 +23,12 @@ const ALLOC_SCAN_LIMIT: u64 = 1 << 20;
 /// cut: smaller tails stay as free clusters (a truncate on ext4 with online
 /// discard costs ~340 µs, more than the rest of a small make_empty).
 pub const MAKE_EMPTY_KEEP_TAIL: u64 = 8 << 20;
+/// Clusters dropped by make_empty wait for a flush before reuse. Without
+/// flushes between them (a guest that never flushes) the file would grow
+/// by every round's clusters: once this many wait, make_empty flushes (and
+/// so pays for writing back the file's dirty pages) to reuse them. 32,768
+/// clusters: 2 GiB at 64 KiB, the span of one refcount block.
+pub const MAKE_EMPTY_QUARANTINE_MAX: u64 = 32768;
 
 /// The image file grows in steps (a quarter of its length, at least
 /// `GROW_MIN_CLUSTERS` clusters, at most [`GROW_MAX`] bytes) rather than one
@@ -694,6 +700,14 @@ impl<S: Storage> Qcow2<S> {
         // (writes spread over a large disk, a new table each, cost one
         // `fdatasync` per write when only one table was written here).
         self.write_refcounts_ordered(m)?;
+        // That storage flush also made every earlier make_empty's cleared L1
+        // entries durable: the clusters they dropped may be reused now
+        // rather than grow the file (only a whole flush cuts and punches the
+        // file, see `reclaim_quarantine`).
+        if !m.quarantine.is_empty() {
+            let q = std::mem::take(&mut m.quarantine);
+            m.free |= q;
+        }
         for off in m.l2.dirty_offsets() {
             if off == keep {
                 continue;
@@ -948,6 +962,7 @@ impl<S: Storage> Qcow2<S> {
             // before it: one storage flush instead of two.
             self.ensure_dirty(m)?;
         }
+
         if !self.lazy || m.header_dirty || m.rt_dirty {
             self.write_refcounts(m)?;
         }
@@ -1747,6 +1762,11 @@ impl<S: Storage> Qcow2<S> {
         // 3. Not reused, punched or cut off before the next flush has made
         // the cleared entries durable (`reclaim_quarantine`).
         m.quarantine |= freed;
+        // 4. Bounded: a guest that never flushes would otherwise grow the
+        // file without end.
+        if m.quarantine.len() > MAKE_EMPTY_QUARANTINE_MAX {
+            self.flush_locked(&mut m, false)?;
+        }
         Ok(())
     }
 

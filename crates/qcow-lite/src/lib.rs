@@ -84,6 +84,6 @@ pub use driver::{register, Qcow2Driver};
 pub use error::{Error, ErrorKind, Result};
 pub use image::{
     BackingRead, Chain, CheckReport, CreateOptions, Mapping, OpenOptions, Preallocation, Qcow2,
-    RawBacking, GROW_MAX, GROW_MIN_CLUSTERS, MAKE_EMPTY_KEEP_TAIL,
+    RawBacking, GROW_MAX, GROW_MIN_CLUSTERS, MAKE_EMPTY_KEEP_TAIL, MAKE_EMPTY_QUARANTINE_MAX,
 };
 pub use storage::{CrashStorage, MemStorage, Rng, Storage};

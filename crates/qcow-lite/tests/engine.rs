@@ -806,3 +806,95 @@ fn spread_writes_with_a_full_dirty_l2_cache_flush_rarely() {
     assert!(r.is_clean(), "{r:?}");
     img.close().unwrap();
 }
+
+/// Checkpoint-like rounds (write every cluster, make_empty) with no flush
+/// at all: the dropped clusters wait for a flush before reuse, so the file
+/// grows, but not without end: a new refcount block, or at the latest
+/// `MAKE_EMPTY_QUARANTINE_MAX` waiting clusters, makes make_empty flush and
+/// reuse them.
+#[test]
+fn make_empty_without_flushes_keeps_the_file_bounded() {
+    let st = Arc::new(MemStorage::new());
+    let cs = 512u64;
+    let size = 32 * cs;
+    let img = Qcow2::create(
+        st.clone(),
+        &CreateOptions {
+            size,
+            cluster_size: cs,
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    let bound = (qcow_lite::MAKE_EMPTY_QUARANTINE_MAX + 256) * cs;
+    let mut largest = 0;
+    let rounds = qcow_lite::MAKE_EMPTY_QUARANTINE_MAX / 32 + 100;
+    for round in 0..rounds {
+        img.write(0, &pattern(round, size, 3), None).unwrap();
+        img.make_empty().unwrap();
+        largest = largest.max(st.len().unwrap());
+    }
+    assert!(largest > 100 * cs, "never grew: {largest} bytes");
+    assert!(
+        largest <= bound,
+        "file grew to {largest} bytes (bound {bound})"
+    );
+    let mut b = vec![1u8; size as usize];
+    img.read(0, &mut b, None).unwrap();
+    assert!(b.iter().all(|&x| x == 0));
+    let r = img.check().unwrap();
+    assert!(r.is_clean(), "{r:?}");
+}
+
+/// The same with writes spread one per L2 table and a 4-table cache: the
+/// storage flush that making room needs also frees what earlier
+/// make_empty calls dropped, so the file does not grow round after round.
+#[test]
+fn make_empty_rounds_reuse_clusters_after_an_eviction_sync() {
+    let st = Arc::new(MemStorage::new());
+    let cs = 4096u64;
+    let per_table = cs / 8 * cs;
+    let tables = 16u64;
+    Qcow2::create(
+        st.clone(),
+        &CreateOptions {
+            size: tables * per_table,
+            cluster_size: cs,
+            ..Default::default()
+        },
+    )
+    .unwrap()
+    .close()
+    .unwrap();
+    let img = Qcow2::open_with(
+        st.clone(),
+        OpenOptions {
+            l2_cache_tables: 4,
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    let mut largest = 0;
+    for round in 0..200u64 {
+        for t in 0..tables {
+            img.write(t * per_table, &pattern(round + t, cs, 5), None)
+                .unwrap();
+        }
+        img.make_empty().unwrap();
+        largest = largest.max(st.len().unwrap());
+    }
+    // A round allocates 32 clusters; without reuse 200 rounds need 6,400.
+    assert!(
+        largest < 200 * cs,
+        "file grew to {} clusters over 200 rounds",
+        largest / cs
+    );
+    for t in 0..tables {
+        let mut b = vec![1u8; cs as usize];
+        img.read(t * per_table, &mut b, None).unwrap();
+        assert!(b.iter().all(|&x| x == 0), "table {t}");
+    }
+    let r = img.check().unwrap();
+    assert!(r.is_clean(), "{r:?}");
+    img.close().unwrap();
+}
