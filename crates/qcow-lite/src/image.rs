@@ -25,9 +25,10 @@ const ALLOC_SCAN_LIMIT: u64 = 1 << 20;
 pub const MAKE_EMPTY_KEEP_TAIL: u64 = 8 << 20;
 /// Clusters dropped by make_empty wait for a flush before reuse. Without
 /// flushes between them (a guest that never flushes) the file would grow
-/// by every round's clusters: once this many wait, make_empty flushes (and
-/// so pays for writing back the file's dirty pages) to reuse them. 32,768
-/// clusters: 2 GiB at 64 KiB, the span of one refcount block.
+/// by every round's clusters: once more than this many from earlier rounds
+/// wait, make_empty flushes (and so pays for writing back the file's dirty
+/// pages) to reuse them. 32,768 clusters: 2 GiB at 64 KiB, the span of one
+/// refcount block.
 pub const MAKE_EMPTY_QUARANTINE_MAX: u64 = 32768;
 
 /// The image file grows in steps (a quarter of its length, at least
@@ -1761,10 +1762,15 @@ impl<S: Storage> Qcow2<S> {
         m.pending_decref.clear();
         // 3. Not reused, punched or cut off before the next flush has made
         // the cleared entries durable (`reclaim_quarantine`).
+        // 4. Bounded: when clusters of earlier rounds still wait (no flush
+        // since: a guest that never flushes, on a disk small enough that
+        // the L2 cache never needs room), flush now, or the file would grow
+        // without end. This round's own clusters alone never force it: a
+        // single large round (100,000 clusters measured) then costs a write-
+        // back of the whole round.
+        let waiting = m.quarantine.len();
         m.quarantine |= freed;
-        // 4. Bounded: a guest that never flushes would otherwise grow the
-        // file without end.
-        if m.quarantine.len() > MAKE_EMPTY_QUARANTINE_MAX {
+        if waiting > MAKE_EMPTY_QUARANTINE_MAX {
             self.flush_locked(&mut m, false)?;
         }
         Ok(())
