@@ -726,6 +726,35 @@ fn make_empty_frees_tables_outside_the_cache_and_leaves_a_clean_image() {
     assert_qemu_check_clean(&p);
 }
 
+/// Cluster size of the spread-write tests, and the guest bytes one L2
+/// table maps at it (512 clusters = 2 MiB).
+const SPREAD_CS: u64 = 4096;
+const SPREAD_PER_TABLE: u64 = SPREAD_CS / 8 * SPREAD_CS;
+
+/// A fresh image of `tables` L2 tables' span on `st`, opened with a
+/// 4-table L2 cache.
+fn spread_image<S: Storage + Clone>(st: &S, tables: u64) -> Qcow2<S> {
+    Qcow2::create(
+        st.clone(),
+        &CreateOptions {
+            size: tables * SPREAD_PER_TABLE,
+            cluster_size: SPREAD_CS,
+            ..Default::default()
+        },
+    )
+    .unwrap()
+    .close()
+    .unwrap();
+    Qcow2::open_with(
+        st.clone(),
+        OpenOptions {
+            l2_cache_tables: 4,
+            ..Default::default()
+        },
+    )
+    .unwrap()
+}
+
 /// A storage that counts its flushes.
 struct CountFlushes {
     inner: MemStorage,
@@ -762,29 +791,9 @@ fn spread_writes_with_a_full_dirty_l2_cache_flush_rarely() {
         inner: MemStorage::new(),
         flushes: Default::default(),
     });
-    let cs = 4096u64;
-    // An L2 table of 4 KiB clusters maps 512 clusters = 2 MiB.
-    let per_table = cs / 8 * cs;
+    let per_table = SPREAD_PER_TABLE;
     let n = 64u64;
-    Qcow2::create(
-        st.clone(),
-        &CreateOptions {
-            size: n * per_table,
-            cluster_size: cs,
-            ..Default::default()
-        },
-    )
-    .unwrap()
-    .close()
-    .unwrap();
-    let img = Qcow2::open_with(
-        st.clone(),
-        OpenOptions {
-            l2_cache_tables: 4,
-            ..Default::default()
-        },
-    )
-    .unwrap();
+    let img = spread_image(&st, n);
     let before = st.flushes.load(std::sync::atomic::Ordering::Relaxed);
     for i in 0..n {
         img.write(i * per_table + 512, &pattern(i, 1000, 7), None)
@@ -852,28 +861,9 @@ fn make_empty_without_flushes_keeps_the_file_bounded() {
 #[test]
 fn make_empty_rounds_reuse_clusters_after_an_eviction_sync() {
     let st = Arc::new(MemStorage::new());
-    let cs = 4096u64;
-    let per_table = cs / 8 * cs;
+    let (cs, per_table) = (SPREAD_CS, SPREAD_PER_TABLE);
     let tables = 16u64;
-    Qcow2::create(
-        st.clone(),
-        &CreateOptions {
-            size: tables * per_table,
-            cluster_size: cs,
-            ..Default::default()
-        },
-    )
-    .unwrap()
-    .close()
-    .unwrap();
-    let img = Qcow2::open_with(
-        st.clone(),
-        OpenOptions {
-            l2_cache_tables: 4,
-            ..Default::default()
-        },
-    )
-    .unwrap();
+    let img = spread_image(&st, tables);
     let mut largest = 0;
     for round in 0..200u64 {
         for t in 0..tables {
