@@ -17,7 +17,11 @@ use common::{mem, pattern};
 use serde_json::json;
 
 const CS: u64 = 65536;
-const SIZE: u64 = 8 * CS;
+/// 4 MiB: four of the copy jobs' 1 MiB chunks, so a job limited to 1 byte/s
+/// has a second chunk to wait for and cannot complete before the test
+/// cancels it, however slowly the test thread runs (with all data in one
+/// chunk a commit or stream once did, on a loaded machine).
+const SIZE: u64 = 64 * CS;
 
 /// Waits (20 s at most) for `job` to end, expecting `outcome`.
 fn assert_ends(job: &Job, outcome: JobOutcome) {
@@ -132,8 +136,10 @@ fn chain(g: &Graph) -> [NodeRef; 4] {
     base.write(0, &pattern(1, 0, SIZE as usize), WriteFlags::default())
         .unwrap();
     let mid = mem(g, "mid", SIZE, Some("base"));
-    mid.write(CS, &pattern(2, CS, CS as usize), WriteFlags::default())
-        .unwrap();
+    for off in [CS, SIZE - CS] {
+        mid.write(off, &pattern(2, off, CS as usize), WriteFlags::default())
+            .unwrap();
+    }
     let top = mem(g, "top", SIZE, Some("mid"));
     top.write(3 * CS, &pattern(3, 0, 100), WriteFlags::default())
         .unwrap();
