@@ -550,10 +550,13 @@ fn set_backing_file_is_crash_safe() {
     assert!(seen_new > 0);
 }
 
-/// A storage that counts `set_len` calls (truncates and extensions).
+/// A storage that counts `set_len` calls (truncates and extensions) and
+/// flushes.
+#[derive(Default)]
 struct CountingStorage {
     inner: MemStorage,
     set_lens: std::sync::atomic::AtomicU64,
+    flushes: std::sync::atomic::AtomicU64,
 }
 
 impl Storage for CountingStorage {
@@ -564,6 +567,8 @@ impl Storage for CountingStorage {
         self.inner.write_at(buf, offset)
     }
     fn flush(&self) -> std::io::Result<()> {
+        self.flushes
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         self.inner.flush()
     }
     fn len(&self) -> std::io::Result<u64> {
@@ -578,10 +583,7 @@ impl Storage for CountingStorage {
 
 #[test]
 fn fresh_clusters_grow_the_file_in_steps_and_close_cuts_the_tail() {
-    let st = Arc::new(CountingStorage {
-        inner: MemStorage::new(),
-        set_lens: Default::default(),
-    });
+    let st = Arc::new(CountingStorage::default());
     let cs = 65536u64;
     let img = Qcow2::create(
         st.clone(),
@@ -755,42 +757,13 @@ fn spread_image<S: Storage + Clone>(st: &S, tables: u64) -> Qcow2<S> {
     .unwrap()
 }
 
-/// A storage that counts its flushes.
-struct CountFlushes {
-    inner: MemStorage,
-    flushes: std::sync::atomic::AtomicU64,
-}
-
-impl Storage for CountFlushes {
-    fn read_at(&self, buf: &mut [u8], offset: u64) -> std::io::Result<()> {
-        self.inner.read_at(buf, offset)
-    }
-    fn write_at(&self, buf: &[u8], offset: u64) -> std::io::Result<()> {
-        self.inner.write_at(buf, offset)
-    }
-    fn flush(&self) -> std::io::Result<()> {
-        self.flushes
-            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        self.inner.flush()
-    }
-    fn len(&self) -> std::io::Result<u64> {
-        self.inner.len()
-    }
-    fn set_len(&self, len: u64) -> std::io::Result<()> {
-        self.inner.set_len(len)
-    }
-}
-
 /// Writes spread over a disk, one new L2 table each, with a cache of 4
 /// tables: once every cached table is dirty, making room writes them all
 /// after one ordered sync, rather than one table per sync (which cost a
 /// storage flush per guest write). The data and mappings stay exact.
 #[test]
 fn spread_writes_with_a_full_dirty_l2_cache_flush_rarely() {
-    let st = Arc::new(CountFlushes {
-        inner: MemStorage::new(),
-        flushes: Default::default(),
-    });
+    let st = Arc::new(CountingStorage::default());
     let per_table = SPREAD_PER_TABLE;
     let n = 64u64;
     let img = spread_image(&st, n);
