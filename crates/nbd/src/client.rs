@@ -1,10 +1,15 @@
 //! The NBD client: one connection shared by many threads, requests pipelined and
 //! matched to replies by cookie, and reconnection when the connection is lost.
 //!
-//! A reader thread owns the receive side: it decodes simple and structured replies
-//! and hands each finished reply to the waiting caller. When the connection drops it
-//! fails every pending request with an internal "disconnected" error, which callers
-//! turn into a retry on the next connection; the same thread reconnects. Callers
+//! The receive side is a role, not a thread: a caller waiting for a reply reads
+//! the socket itself while no other caller does, decoding simple and structured
+//! replies and handing each finished one to its caller; when its own reply has
+//! come it passes the role to another waiting caller. A lone request (a caller
+//! at queue depth 1) is thus answered without waking a second thread. A watcher
+//! thread sleeps until the peer hangs up: it lets the replies already sent reach
+//! their callers, fails every other pending request with an internal
+//! "disconnected" error, which callers turn into a retry on the next connection,
+//! and reconnects. Callers
 //! wait at most `reconnect_delay` (counted from the loss) for a new connection and
 //! then fail with `EIO`. A write is acknowledged to its caller only after the server
 //! acknowledged it, so nothing acknowledged is lost by a reconnect: unacknowledged
@@ -180,44 +185,65 @@ impl Drop for Pending {
     }
 }
 
-/// Where one request's reply is handed from the reader thread to the caller.
+/// Where one request's reply is handed to its caller by whoever read it, and
+/// where a caller is told that the receive side is free to take.
 /// std's futex-based Mutex/Condvar (as in the server): a spin-and-yield
 /// channel cost sched_yield calls on every reply on a busy 2-core machine.
 #[derive(Default)]
 struct ReplySlot {
-    reply: std::sync::Mutex<Option<Result<ReplyData>>>,
+    state: std::sync::Mutex<SlotState>,
     ready: std::sync::Condvar,
 }
 
+#[derive(Default)]
+struct SlotState {
+    reply: Option<Result<ReplyData>>,
+    /// The receive side was released while this request waited.
+    nudged: bool,
+}
+
 impl ReplySlot {
+    fn lock(&self) -> std::sync::MutexGuard<'_, SlotState> {
+        self.state
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
     /// Delivers `r` unless a reply was delivered already.
     fn send(&self, r: Result<ReplyData>) {
-        let mut g = self
-            .reply
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
-        if g.is_none() {
-            *g = Some(r);
+        let mut g = self.lock();
+        if g.reply.is_none() {
+            g.reply = Some(r);
             drop(g);
             self.ready.notify_one();
         }
     }
 
-    /// Waits for the reply.
-    fn recv(&self) -> Result<ReplyData> {
-        let mut g = self
-            .reply
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
-        loop {
-            if let Some(r) = g.take() {
-                return r;
-            }
+    /// Tells the waiting caller the receive side is free.
+    fn nudge(&self) {
+        self.lock().nudged = true;
+        self.ready.notify_one();
+    }
+
+    fn has_reply(&self) -> bool {
+        self.lock().reply.is_some()
+    }
+
+    /// The reply, if it came.
+    fn take(&self) -> Option<Result<ReplyData>> {
+        self.lock().reply.take()
+    }
+
+    /// Sleeps until the reply comes or the caller is nudged.
+    fn wait(&self) {
+        let mut g = self.lock();
+        while g.reply.is_none() && !g.nudged {
             g = self
                 .ready
                 .wait(g)
                 .unwrap_or_else(std::sync::PoisonError::into_inner);
         }
+        g.nudged = false;
     }
 }
 
@@ -225,6 +251,8 @@ struct Conn {
     info: ExportInfo,
     writer: Mutex<Sock>,
     ctl: Sock,
+    /// The receive side: whoever holds it reads replies for every caller.
+    rx: Mutex<BufReader<Sock>>,
     /// Pending requests by cookie; `None` once the connection died.
     pending: Mutex<Option<HashMap<u64, Pending>>>,
 }
@@ -232,6 +260,31 @@ struct Conn {
 impl Conn {
     fn kill(&self) {
         self.ctl.shutdown();
+    }
+
+    /// Ends the connection: the watcher wakes, every pending request fails
+    /// with "disconnected" (`Pending`'s drop) and is sent again by its caller.
+    fn fail(&self) {
+        self.kill();
+        let map = self.pending.lock().take();
+        drop(map);
+    }
+
+    /// Reads replies for everyone until `slot` has its reply; the caller holds `rx`.
+    fn read_until(&self, rx: &mut BufReader<Sock>, slot: &ReplySlot) -> Result<()> {
+        while !slot.has_reply() {
+            read_reply(self, &mut *rx)?;
+        }
+        Ok(())
+    }
+
+    /// After releasing the receive side: if requests still wait, one of them
+    /// takes it over (a caller that sent after the release takes it itself).
+    fn pass_receive_side(&self) {
+        let g = self.pending.lock();
+        if let Some(p) = g.as_ref().and_then(|m| m.values().next()) {
+            p.slot.nudge();
+        }
     }
 }
 
@@ -254,7 +307,7 @@ struct Inner {
 pub struct NbdClient {
     inner: Arc<Inner>,
     info: ExportInfo,
-    reader: Mutex<Option<std::thread::JoinHandle<()>>>,
+    watcher: Mutex<Option<std::thread::JoinHandle<()>>>,
 }
 
 fn read_array<const N: usize, R: Read>(r: &mut R) -> std::io::Result<[u8; N]> {
@@ -493,14 +546,14 @@ impl NbdClient {
             reconnects: AtomicU64::new(0),
         });
         let inner2 = inner.clone();
-        let reader = std::thread::Builder::new()
-            .name("nbd-client-reader".into())
-            .spawn(move || reader_loop(inner2, conn))
-            .map_err(|e| NbdError::io("spawn reader thread", e))?;
+        let watcher = std::thread::Builder::new()
+            .name("nbd-client-watch".into())
+            .spawn(move || watch_loop(inner2, conn))
+            .map_err(|e| NbdError::io("spawn watcher thread", e))?;
         Ok(NbdClient {
             inner,
             info,
-            reader: Mutex::new(Some(reader)),
+            watcher: Mutex::new(Some(watcher)),
         })
     }
 
@@ -594,10 +647,10 @@ impl NbdClient {
                 send_request(&mut w, &req.encode(), data)
             };
             if sent.is_err() {
-                // The reader sees the dead socket and fails our pending entry.
+                // Whoever reads next sees the dead socket and fails our entry.
                 conn.kill();
             }
-            match slot.recv() {
+            match Self::wait_reply(&conn, &slot) {
                 Ok(r) => return Ok(r),
                 Err(e) if e.kind == ErrorKind::Disconnected => {
                     // Sent again on the next connection; a server that drops every
@@ -615,8 +668,29 @@ impl NbdClient {
         }
     }
 
+    /// Waits for the reply to a sent request, reading the socket itself
+    /// while no other caller does.
+    fn wait_reply(conn: &Conn, slot: &ReplySlot) -> Result<ReplyData> {
+        loop {
+            if let Some(r) = slot.take() {
+                return r;
+            }
+            match conn.rx.try_lock() {
+                Some(mut rx) => {
+                    let r = conn.read_until(&mut rx, slot);
+                    drop(rx);
+                    if r.is_err() {
+                        conn.fail();
+                    }
+                    conn.pass_receive_side();
+                }
+                None => slot.wait(),
+            }
+        }
+    }
+
     fn mark_lost(&self, conn: &Arc<Conn>) {
-        // Let the reader thread move the state on; wait briefly for it.
+        // Let the watcher thread move the state on; wait briefly for it.
         let mut st = self.inner.state.lock();
         if let State::Connected(c) = &*st {
             if Arc::ptr_eq(c, conn) {
@@ -779,8 +853,8 @@ impl NbdClient {
             let _ = c.writer.lock().write_all(&req.encode());
             c.kill();
         }
-        let reader = self.reader.lock().take();
-        if let Some(t) = reader {
+        let watcher = self.watcher.lock().take();
+        if let Some(t) = watcher {
             let _ = t.join();
         }
     }
@@ -817,27 +891,48 @@ fn send_request(w: &mut Sock, header: &[u8], data: &[u8]) -> std::io::Result<()>
 fn make_conn(sock: Sock, info: ExportInfo) -> Result<Conn> {
     let w = sock.try_clone().map_err(net("clone socket"))?;
     let ctl = sock.try_clone().map_err(net("clone socket"))?;
-    drop(sock);
     Ok(Conn {
         info,
         writer: Mutex::new(w),
         ctl,
+        rx: Mutex::new(BufReader::with_capacity(256 * 1024, sock)),
         pending: Mutex::new(Some(HashMap::new())),
     })
 }
 
-fn reader_loop(inner: Arc<Inner>, mut conn: Arc<Conn>) {
+/// Sleeps until the socket's peer hangs up or the socket is shut down (not
+/// on data: replies are read by the callers waiting for them).
+fn wait_hangup(s: &Sock) {
+    use std::os::fd::AsRawFd;
+    let fd = match s {
+        Sock::Tcp(t) => t.as_raw_fd(),
+        Sock::Unix(u) => u.as_raw_fd(),
+    };
+    let mut p = libc::pollfd {
+        fd,
+        events: libc::POLLRDHUP,
+        revents: 0,
+    };
     loop {
-        let rd = conn.ctl.try_clone();
-        if let Ok(rd) = rd {
-            let _ = read_replies(&conn, BufReader::with_capacity(256 * 1024, rd));
+        // SAFETY: `p` is one valid pollfd for the duration of the call, and
+        // the count passed is 1. POLLERR and POLLHUP are always reported.
+        let n = unsafe { libc::poll(&mut p, 1, -1) };
+        if n > 0 || std::io::Error::last_os_error().kind() != std::io::ErrorKind::Interrupted {
+            return;
         }
-        conn.kill();
-        // Fail everything pending; callers retry on the next connection.
-        if let Some(map) = conn.pending.lock().take() {
-            // Each dropped entry fails its caller (`Pending`'s drop).
-            drop(map);
+    }
+}
+
+fn watch_loop(inner: Arc<Inner>, mut conn: Arc<Conn>) {
+    loop {
+        wait_hangup(&conn.ctl);
+        {
+            // Replies the server sent before hanging up still reach their
+            // callers; a caller reading right now finishes first.
+            let mut rx = conn.rx.lock();
+            while conn.pending.lock().is_some() && read_reply(&conn, &mut *rx).is_ok() {}
         }
+        conn.fail();
         {
             let mut st = inner.state.lock();
             if inner.closing.load(Ordering::Acquire) {
@@ -920,159 +1015,158 @@ fn with_pending<T>(
     f(p)
 }
 
-fn read_replies<R: Read>(conn: &Conn, mut r: R) -> Result<()> {
-    loop {
-        let magic = u32::from_be_bytes(read_array::<4, _>(&mut r).map_err(net("read reply"))?);
-        match magic {
-            SIMPLE_REPLY_MAGIC => {
-                let b = read_array::<12, _>(&mut r).map_err(net("read reply"))?;
-                let errno = u32::from_be_bytes([b[0], b[1], b[2], b[3]]);
-                let cookie = u64::from_be_bytes(b[4..12].try_into().unwrap_or_default());
-                let (cmd, len) = with_pending(conn, cookie, |p| Ok((p.req.cmd, p.req.len)))?;
-                if errno != 0 {
-                    with_pending(conn, cookie, |p| {
-                        p.error = Some(NbdError::new(
-                            ErrorKind::from_errno(errno),
-                            format!(
-                                "server error {errno} on cmd {} offset {} length {}",
-                                p.req.cmd, p.req.offset, p.req.len
-                            ),
-                        ));
-                        Ok(())
-                    })?;
-                } else if cmd == CMD_READ {
-                    if conn.info.structured {
-                        return Err(NbdError::protocol(
-                            "simple reply with data to a READ after structured replies",
-                        ));
-                    }
-                    // Read outside the lock into a buffer we own, then put it back.
+/// Reads one reply message (a simple reply or one structured chunk) and
+/// completes its request when it is the last.
+fn read_reply<R: Read>(conn: &Conn, mut r: R) -> Result<()> {
+    let magic = u32::from_be_bytes(read_array::<4, _>(&mut r).map_err(net("read reply"))?);
+    match magic {
+        SIMPLE_REPLY_MAGIC => {
+            let b = read_array::<12, _>(&mut r).map_err(net("read reply"))?;
+            let errno = u32::from_be_bytes([b[0], b[1], b[2], b[3]]);
+            let cookie = u64::from_be_bytes(b[4..12].try_into().unwrap_or_default());
+            let (cmd, len) = with_pending(conn, cookie, |p| Ok((p.req.cmd, p.req.len)))?;
+            if errno != 0 {
+                with_pending(conn, cookie, |p| {
+                    p.error = Some(NbdError::new(
+                        ErrorKind::from_errno(errno),
+                        format!(
+                            "server error {errno} on cmd {} offset {} length {}",
+                            p.req.cmd, p.req.offset, p.req.len
+                        ),
+                    ));
+                    Ok(())
+                })?;
+            } else if cmd == CMD_READ {
+                if conn.info.structured {
+                    return Err(NbdError::protocol(
+                        "simple reply with data to a READ after structured replies",
+                    ));
+                }
+                // Read outside the lock into a buffer we own, then put it back.
+                let mut buf = with_pending(conn, cookie, |p| Ok(std::mem::take(&mut p.buf)))?;
+                buf.resize(len as usize, 0);
+                r.read_exact(&mut buf).map_err(net("read data"))?;
+                with_pending(conn, cookie, |p| {
+                    p.buf = buf;
+                    p.covered = len as u64;
+                    Ok(())
+                })?;
+            }
+            complete(conn, cookie);
+        }
+        STRUCTURED_REPLY_MAGIC => {
+            let b = read_array::<16, _>(&mut r).map_err(net("read chunk"))?;
+            let mut c = Cursor::new(&b);
+            let flags = c.u16()?;
+            let ctype = c.u16()?;
+            let cookie = c.u64()?;
+            let plen = c.u32()?;
+            let req = with_pending(conn, cookie, |p| Ok(p.req))?;
+            match ctype {
+                REPLY_TYPE_NONE if plen == 0 => {}
+                REPLY_TYPE_OFFSET_DATA if req.cmd == CMD_READ && plen > 8 => {
+                    let off =
+                        u64::from_be_bytes(read_array::<8, _>(&mut r).map_err(net("read chunk"))?);
+                    let dlen = (plen - 8) as u64;
+                    let start = off
+                        .checked_sub(req.offset)
+                        .filter(|s| s + dlen <= req.len as u64)
+                        .ok_or_else(|| {
+                            NbdError::protocol(format!(
+                                "data chunk at {off}+{dlen} outside READ {}+{}",
+                                req.offset, req.len
+                            ))
+                        })?;
                     let mut buf = with_pending(conn, cookie, |p| Ok(std::mem::take(&mut p.buf)))?;
-                    buf.resize(len as usize, 0);
-                    r.read_exact(&mut buf).map_err(net("read data"))?;
+                    let res = r.read_exact(&mut buf[start as usize..(start + dlen) as usize]);
                     with_pending(conn, cookie, |p| {
                         p.buf = buf;
-                        p.covered = len as u64;
+                        p.covered += dlen;
+                        Ok(())
+                    })?;
+                    res.map_err(net("read data"))?;
+                }
+                REPLY_TYPE_OFFSET_HOLE if req.cmd == CMD_READ && plen == 12 => {
+                    let b = read_array::<12, _>(&mut r).map_err(net("read chunk"))?;
+                    let off = u64::from_be_bytes(b[0..8].try_into().unwrap_or_default());
+                    let hlen = u32::from_be_bytes([b[8], b[9], b[10], b[11]]) as u64;
+                    let start = off
+                        .checked_sub(req.offset)
+                        .filter(|s| s + hlen <= req.len as u64)
+                        .ok_or_else(|| {
+                            NbdError::protocol(format!(
+                                "hole chunk at {off}+{hlen} outside READ {}+{}",
+                                req.offset, req.len
+                            ))
+                        })?;
+                    with_pending(conn, cookie, |p| {
+                        p.buf[start as usize..(start + hlen) as usize].fill(0);
+                        p.covered += hlen;
                         Ok(())
                     })?;
                 }
+                REPLY_TYPE_BLOCK_STATUS
+                    if req.cmd == CMD_BLOCK_STATUS
+                        && (12..=MAX_CHUNK_META).contains(&plen)
+                        && (plen - 4) % 8 == 0 =>
+                {
+                    let mut p = vec![0u8; plen as usize];
+                    r.read_exact(&mut p).map_err(net("read chunk"))?;
+                    let mut c = Cursor::new(&p);
+                    let id = c.u32()?;
+                    let mut ext = Vec::with_capacity(c.remaining() / 8);
+                    while c.remaining() > 0 {
+                        let l = c.u32()? as u64;
+                        let f = c.u32()?;
+                        if l == 0 {
+                            return Err(NbdError::protocol("zero-length extent"));
+                        }
+                        ext.push(Extent {
+                            len: l,
+                            hole: f & STATE_HOLE != 0,
+                            zero: f & STATE_ZERO != 0,
+                        });
+                    }
+                    if Some(id) == conn.info.base_allocation {
+                        with_pending(conn, cookie, |p| {
+                            p.extents.extend(ext);
+                            Ok(())
+                        })?;
+                    }
+                }
+                t if t & 0x8000 != 0 && (6..=MAX_STRING as u32 + 14).contains(&plen) => {
+                    let mut p = vec![0u8; plen as usize];
+                    r.read_exact(&mut p).map_err(net("read chunk"))?;
+                    let mut c = Cursor::new(&p);
+                    let errno = c.u32()?;
+                    let mlen = c.u16()? as usize;
+                    let msg =
+                        String::from_utf8_lossy(c.bytes(mlen.min(c.remaining()))?).into_owned();
+                    with_pending(conn, cookie, |p| {
+                        if p.error.is_none() {
+                            p.error = Some(NbdError::new(
+                                ErrorKind::from_errno(errno),
+                                format!(
+                                    "server error {errno} on cmd {} offset {} length {}: {msg}",
+                                    req.cmd, req.offset, req.len
+                                ),
+                            ));
+                        }
+                        Ok(())
+                    })?;
+                }
+                _ => {
+                    return Err(NbdError::protocol(format!(
+                        "unexpected chunk type {ctype} length {plen} for cmd {}",
+                        req.cmd
+                    )))
+                }
+            }
+            if flags & REPLY_FLAG_DONE != 0 {
                 complete(conn, cookie);
             }
-            STRUCTURED_REPLY_MAGIC => {
-                let b = read_array::<16, _>(&mut r).map_err(net("read chunk"))?;
-                let mut c = Cursor::new(&b);
-                let flags = c.u16()?;
-                let ctype = c.u16()?;
-                let cookie = c.u64()?;
-                let plen = c.u32()?;
-                let req = with_pending(conn, cookie, |p| Ok(p.req))?;
-                match ctype {
-                    REPLY_TYPE_NONE if plen == 0 => {}
-                    REPLY_TYPE_OFFSET_DATA if req.cmd == CMD_READ && plen > 8 => {
-                        let off = u64::from_be_bytes(
-                            read_array::<8, _>(&mut r).map_err(net("read chunk"))?,
-                        );
-                        let dlen = (plen - 8) as u64;
-                        let start = off
-                            .checked_sub(req.offset)
-                            .filter(|s| s + dlen <= req.len as u64)
-                            .ok_or_else(|| {
-                                NbdError::protocol(format!(
-                                    "data chunk at {off}+{dlen} outside READ {}+{}",
-                                    req.offset, req.len
-                                ))
-                            })?;
-                        let mut buf =
-                            with_pending(conn, cookie, |p| Ok(std::mem::take(&mut p.buf)))?;
-                        let res = r.read_exact(&mut buf[start as usize..(start + dlen) as usize]);
-                        with_pending(conn, cookie, |p| {
-                            p.buf = buf;
-                            p.covered += dlen;
-                            Ok(())
-                        })?;
-                        res.map_err(net("read data"))?;
-                    }
-                    REPLY_TYPE_OFFSET_HOLE if req.cmd == CMD_READ && plen == 12 => {
-                        let b = read_array::<12, _>(&mut r).map_err(net("read chunk"))?;
-                        let off = u64::from_be_bytes(b[0..8].try_into().unwrap_or_default());
-                        let hlen = u32::from_be_bytes([b[8], b[9], b[10], b[11]]) as u64;
-                        let start = off
-                            .checked_sub(req.offset)
-                            .filter(|s| s + hlen <= req.len as u64)
-                            .ok_or_else(|| {
-                                NbdError::protocol(format!(
-                                    "hole chunk at {off}+{hlen} outside READ {}+{}",
-                                    req.offset, req.len
-                                ))
-                            })?;
-                        with_pending(conn, cookie, |p| {
-                            p.buf[start as usize..(start + hlen) as usize].fill(0);
-                            p.covered += hlen;
-                            Ok(())
-                        })?;
-                    }
-                    REPLY_TYPE_BLOCK_STATUS
-                        if req.cmd == CMD_BLOCK_STATUS
-                            && (12..=MAX_CHUNK_META).contains(&plen)
-                            && (plen - 4) % 8 == 0 =>
-                    {
-                        let mut p = vec![0u8; plen as usize];
-                        r.read_exact(&mut p).map_err(net("read chunk"))?;
-                        let mut c = Cursor::new(&p);
-                        let id = c.u32()?;
-                        let mut ext = Vec::with_capacity(c.remaining() / 8);
-                        while c.remaining() > 0 {
-                            let l = c.u32()? as u64;
-                            let f = c.u32()?;
-                            if l == 0 {
-                                return Err(NbdError::protocol("zero-length extent"));
-                            }
-                            ext.push(Extent {
-                                len: l,
-                                hole: f & STATE_HOLE != 0,
-                                zero: f & STATE_ZERO != 0,
-                            });
-                        }
-                        if Some(id) == conn.info.base_allocation {
-                            with_pending(conn, cookie, |p| {
-                                p.extents.extend(ext);
-                                Ok(())
-                            })?;
-                        }
-                    }
-                    t if t & 0x8000 != 0 && (6..=MAX_STRING as u32 + 14).contains(&plen) => {
-                        let mut p = vec![0u8; plen as usize];
-                        r.read_exact(&mut p).map_err(net("read chunk"))?;
-                        let mut c = Cursor::new(&p);
-                        let errno = c.u32()?;
-                        let mlen = c.u16()? as usize;
-                        let msg =
-                            String::from_utf8_lossy(c.bytes(mlen.min(c.remaining()))?).into_owned();
-                        with_pending(conn, cookie, |p| {
-                            if p.error.is_none() {
-                                p.error = Some(NbdError::new(
-                                    ErrorKind::from_errno(errno),
-                                    format!(
-                                        "server error {errno} on cmd {} offset {} length {}: {msg}",
-                                        req.cmd, req.offset, req.len
-                                    ),
-                                ));
-                            }
-                            Ok(())
-                        })?;
-                    }
-                    _ => {
-                        return Err(NbdError::protocol(format!(
-                            "unexpected chunk type {ctype} length {plen} for cmd {}",
-                            req.cmd
-                        )))
-                    }
-                }
-                if flags & REPLY_FLAG_DONE != 0 {
-                    complete(conn, cookie);
-                }
-            }
-            other => return Err(NbdError::protocol(format!("bad reply magic {other:#x}"))),
         }
+        other => return Err(NbdError::protocol(format!("bad reply magic {other:#x}"))),
     }
+    Ok(())
 }
