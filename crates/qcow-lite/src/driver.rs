@@ -80,6 +80,23 @@ impl Storage for ChildStorage {
     fn flush(&self) -> io::Result<()> {
         self.node()?.flush().map_err(to_io)
     }
+    /// A FUA write: the child makes this write durable (the file driver
+    /// with `RWF_DSYNC`); a child that cannot is written and flushed.
+    fn write_durable(&self, buf: &[u8], offset: u64) -> io::Result<()> {
+        let f = self.node()?;
+        let end = offset + buf.len() as u64;
+        if end > f.len() {
+            f.truncate(end).map_err(to_io)?;
+        }
+        match f.write(offset, buf, WriteFlags { fua: true }) {
+            // A child without FUA (an NBD server that does not offer it).
+            Err(e) if e.kind() == ErrorKind::NotSupported => {
+                f.write(offset, buf, WriteFlags::default()).map_err(to_io)?;
+                f.flush().map_err(to_io)
+            }
+            r => r.map_err(to_io),
+        }
+    }
     fn len(&self) -> io::Result<u64> {
         Ok(self.node()?.len())
     }

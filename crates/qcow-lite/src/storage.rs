@@ -20,6 +20,14 @@ pub trait Storage: Send + Sync {
     fn write_at(&self, buf: &[u8], offset: u64) -> io::Result<()>;
     /// Make every completed write durable.
     fn flush(&self) -> io::Result<()>;
+    /// Write `buf` at `offset` and make this write durable before returning;
+    /// other writes not yet flushed may stay volatile (a file uses
+    /// `RWF_DSYNC`: no write-back of the rest of the page cache). The
+    /// default writes and then flushes everything.
+    fn write_durable(&self, buf: &[u8], offset: u64) -> io::Result<()> {
+        self.write_at(buf, offset)?;
+        self.flush()
+    }
     /// The current length in bytes.
     fn len(&self) -> io::Result<u64>;
     /// Truncate or extend to `len` bytes.
@@ -44,6 +52,9 @@ impl<S: Storage + ?Sized> Storage for std::sync::Arc<S> {
     }
     fn flush(&self) -> io::Result<()> {
         (**self).flush()
+    }
+    fn write_durable(&self, buf: &[u8], offset: u64) -> io::Result<()> {
+        (**self).write_durable(buf, offset)
     }
     fn len(&self) -> io::Result<u64> {
         (**self).len()
@@ -79,6 +90,9 @@ impl Storage for File {
     }
     fn flush(&self) -> io::Result<()> {
         self.sync_data()
+    }
+    fn write_durable(&self, buf: &[u8], offset: u64) -> io::Result<()> {
+        block_graph::drivers::file::write_all_at_dsync(self, buf, offset)
     }
     fn len(&self) -> io::Result<u64> {
         Ok(self.metadata()?.len())
@@ -353,6 +367,28 @@ impl Storage for CrashStorage {
         Self::tick(&mut st)?;
         mem_write(&mut st.volatile, buf, offset)?;
         st.pending.push(Pending::Write(offset, buf.to_vec()));
+        Ok(())
+    }
+    /// Durable at once, without flushing the other pending writes. The
+    /// page cache holds only the newest bytes, so what a pending write
+    /// still carries for this range is replaced by them (a crash cannot
+    /// bring older bytes back over a durable write).
+    fn write_durable(&self, buf: &[u8], offset: u64) -> io::Result<()> {
+        let mut st = self.st.lock();
+        Self::tick(&mut st)?;
+        mem_write(&mut st.volatile, buf, offset)?;
+        mem_write(&mut st.durable, buf, offset)?;
+        let end = offset + buf.len() as u64;
+        for p in &mut st.pending {
+            if let Pending::Write(o, data) = p {
+                let pend = *o + data.len() as u64;
+                let (lo, hi) = ((*o).max(offset), pend.min(end));
+                if lo < hi {
+                    data[(lo - *o) as usize..(hi - *o) as usize]
+                        .copy_from_slice(&buf[(lo - offset) as usize..(hi - offset) as usize]);
+                }
+            }
+        }
         Ok(())
     }
     fn flush(&self) -> io::Result<()> {

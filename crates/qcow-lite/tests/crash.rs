@@ -107,10 +107,18 @@ fn run_schedule(seed: u64, qemu_check: bool) {
     )
     .unwrap();
     let mut model = Model::new(base.clone());
+    // Half of the schedules lower make_empty's quarantine bound to a few
+    // clusters and empty more often, so that make_empty frees the clusters
+    // of earlier rounds after a durable L1 write (no flush) many times.
+    let small_quarantine = rng.below(2) == 0;
+    if small_quarantine {
+        img.set_make_empty_quarantine_max(rng.below(8));
+    }
+    let empty_one_in = if small_quarantine { 6 } else { 25 };
     st.fail_after(Some(rng.below(300)));
     let nops = 5 + rng.below(40);
     for _ in 0..nops {
-        let r = if rng.below(25) == 0 {
+        let r = if rng.below(empty_one_in) == 0 {
             model.cur.copy_from_slice(&model.base);
             model.emptied = true;
             img.make_empty()
@@ -135,7 +143,10 @@ fn run_schedule(seed: u64, qemu_check: bool) {
     } else {
         st.crash(None)
     };
-    let ctx = format!("seed {seed} cs {cs} size {size} lazy {lazy} backing {with_backing}");
+    let ctx = format!(
+        "seed {seed} cs {cs} size {size} lazy {lazy} backing {with_backing} \
+         small quarantine {small_quarantine}"
+    );
     let mem = Arc::new(MemStorage::from_vec(bytes));
     let img = Qcow2::open(mem.clone(), false).unwrap_or_else(|e| panic!("{ctx}: reopen: {e}"));
     let got = read_all(&img, backing);
