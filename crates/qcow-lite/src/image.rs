@@ -23,13 +23,14 @@ const ALLOC_SCAN_LIMIT: u64 = 1 << 20;
 /// cut: smaller tails stay as free clusters (a truncate on ext4 with online
 /// discard costs ~340 µs, more than the rest of a small make_empty).
 pub const MAKE_EMPTY_KEEP_TAIL: u64 = 8 << 20;
-/// Clusters dropped by make_empty wait for a flush before reuse. Without
-/// flushes between them (a guest that never flushes) the file would grow
-/// by every round's clusters: once more than this many from earlier rounds
-/// wait, make_empty flushes (and so pays for writing back the file's dirty
-/// pages) to reuse them. 32,768 clusters: 2 GiB at 64 KiB, the span of one
-/// refcount block.
-pub const MAKE_EMPTY_QUARANTINE_MAX: u64 = 32768;
+/// Clusters dropped by make_empty wait until nothing on the disk references
+/// them before reuse (the next flush). Without flushes between them (a guest
+/// that never flushes) the file would grow by every round's clusters: once
+/// more than this many from earlier rounds wait, make_empty makes the empty
+/// L1 table durable (one small `RWF_DSYNC` write, not a flush) and reuses
+/// them. 4,096 clusters: 256 MiB at 64 KiB, so a file stays well inside
+/// the span of its refcount blocks (a new block costs a flush).
+pub const MAKE_EMPTY_QUARANTINE_MAX: u64 = 4096;
 
 /// The image file grows in steps (a quarter of its length, at least
 /// `GROW_MIN_CLUSTERS` clusters, at most [`GROW_MAX`] bytes) rather than one
@@ -1029,7 +1030,7 @@ impl<S: Storage> Qcow2<S> {
         self.flush_ordered(m, force_refcounts)?;
         // Everything written so far is durable: what a make_empty dropped
         // may now be reused, and the file shrink it deferred can happen.
-        self.reclaim_quarantine(m)
+        self.reclaim_quarantine(m, true)
     }
 
     fn flush_ordered(&self, m: &mut Meta, force_refcounts: bool) -> Result<()> {
@@ -1772,7 +1773,8 @@ impl<S: Storage> Qcow2<S> {
         // all a reuse needs (nothing on the disk references a dropped
         // cluster any more) and, unlike a flush, it does not write back the
         // dropped clusters' data still in the page cache (about a second
-        // for 2 GiB). This round's own clusters alone never force it.
+        // for 2 GiB). The file keeps its size: the clusters are reused in
+        // place. This round's own clusters alone never force it.
         let waiting = m.quarantine.len();
         m.quarantine |= freed;
         let max = self
@@ -1780,7 +1782,7 @@ impl<S: Storage> Qcow2<S> {
             .load(std::sync::atomic::Ordering::Relaxed);
         if waiting > max {
             self.write_l1_durable(&mut m)?;
-            self.reclaim_quarantine(&mut m)?;
+            self.reclaim_quarantine(&mut m, false)?;
         }
         Ok(())
     }
@@ -1813,17 +1815,23 @@ impl<S: Storage> Qcow2<S> {
         Ok(())
     }
 
-    /// After a completed flush: clusters a make_empty dropped become free;
-    /// a free tail longer than `MAKE_EMPTY_KEEP_TAIL` is cut off the file
-    /// and the dropped clusters below the new end are punched out, so the
-    /// file stays small. Nothing references these clusters on the disk any
-    /// more, so neither needs a flush of its own.
-    fn reclaim_quarantine(&self, m: &mut Meta) -> Result<()> {
+    /// After a completed flush (or make_empty's durable empty L1 table):
+    /// clusters a make_empty dropped become free. With `release_space`, a
+    /// free tail longer than `MAKE_EMPTY_KEEP_TAIL` is cut off the file and
+    /// the dropped clusters below the new end are punched out, so the file
+    /// stays small; make_empty skips that (punching out 2 GiB took 0.5 s,
+    /// a checkpoint's pause): its clusters are reused in place, and a
+    /// later flush cuts off a free tail. Nothing references these
+    /// clusters on the disk any more, so neither needs a flush of its own.
+    fn reclaim_quarantine(&self, m: &mut Meta, release_space: bool) -> Result<()> {
         if m.quarantine.is_empty() {
             return Ok(());
         }
         let dropped = std::mem::take(&mut m.quarantine);
         m.free |= &dropped;
+        if !release_space {
+            return Ok(());
+        }
         let cs = self.cs();
         let cur_end = m.end_cluster;
         let mut new_end = cur_end;

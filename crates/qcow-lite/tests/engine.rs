@@ -791,9 +791,9 @@ fn spread_writes_with_a_full_dirty_l2_cache_flush_rarely() {
 
 /// Checkpoint-like rounds (write every cluster, make_empty) with no flush
 /// at all: the dropped clusters wait for a flush before reuse, so the file
-/// grows, but not without end: a new refcount block, or at the latest
-/// `MAKE_EMPTY_QUARANTINE_MAX` waiting clusters, makes make_empty flush and
-/// reuse them.
+/// grows, but not without end: a new refcount block makes make_empty
+/// flush, and at the latest `MAKE_EMPTY_QUARANTINE_MAX` waiting clusters it
+/// makes the empty L1 table durable and reuses them.
 #[test]
 fn make_empty_without_flushes_keeps_the_file_bounded() {
     let st = Arc::new(MemStorage::new());
