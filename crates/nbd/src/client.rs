@@ -1015,6 +1015,19 @@ fn with_pending<T>(
     f(p)
 }
 
+/// Where a READ reply chunk covering `off`+`len` starts in the request's
+/// buffer; a chunk outside the request is a protocol error.
+fn chunk_start(req: &Request, off: u64, len: u64, what: &str) -> Result<u64> {
+    off.checked_sub(req.offset)
+        .filter(|s| s + len <= req.len as u64)
+        .ok_or_else(|| {
+            NbdError::protocol(format!(
+                "{what} chunk at {off}+{len} outside READ {}+{}",
+                req.offset, req.len
+            ))
+        })
+}
+
 /// Reads one reply message (a simple reply or one structured chunk) and
 /// completes its request when it is the last.
 fn read_reply<R: Read>(conn: &Conn, mut r: R) -> Result<()> {
@@ -1068,15 +1081,7 @@ fn read_reply<R: Read>(conn: &Conn, mut r: R) -> Result<()> {
                     let off =
                         u64::from_be_bytes(read_array::<8, _>(&mut r).map_err(net("read chunk"))?);
                     let dlen = (plen - 8) as u64;
-                    let start = off
-                        .checked_sub(req.offset)
-                        .filter(|s| s + dlen <= req.len as u64)
-                        .ok_or_else(|| {
-                            NbdError::protocol(format!(
-                                "data chunk at {off}+{dlen} outside READ {}+{}",
-                                req.offset, req.len
-                            ))
-                        })?;
+                    let start = chunk_start(&req, off, dlen, "data")?;
                     let mut buf = with_pending(conn, cookie, |p| Ok(std::mem::take(&mut p.buf)))?;
                     let res = r.read_exact(&mut buf[start as usize..(start + dlen) as usize]);
                     with_pending(conn, cookie, |p| {
@@ -1090,15 +1095,7 @@ fn read_reply<R: Read>(conn: &Conn, mut r: R) -> Result<()> {
                     let b = read_array::<12, _>(&mut r).map_err(net("read chunk"))?;
                     let off = u64::from_be_bytes(b[0..8].try_into().unwrap_or_default());
                     let hlen = u32::from_be_bytes([b[8], b[9], b[10], b[11]]) as u64;
-                    let start = off
-                        .checked_sub(req.offset)
-                        .filter(|s| s + hlen <= req.len as u64)
-                        .ok_or_else(|| {
-                            NbdError::protocol(format!(
-                                "hole chunk at {off}+{hlen} outside READ {}+{}",
-                                req.offset, req.len
-                            ))
-                        })?;
+                    let start = chunk_start(&req, off, hlen, "hole")?;
                     with_pending(conn, cookie, |p| {
                         p.buf[start as usize..(start + hlen) as usize].fill(0);
                         p.covered += hlen;
