@@ -4,73 +4,12 @@
 
 mod common;
 
-use std::collections::HashMap;
 use std::sync::mpsc;
-use std::sync::{Arc, Condvar, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
-use common::pattern;
-use nbd::{Export, ExportOptions, MemExport, NbdClient, NbdServer, ServerAddr, ServerConfig};
-
-/// A memory export whose writes at the gated offsets wait until their gate opens.
-struct Gates {
-    mem: MemExport,
-    /// offset -> (a write is waiting, the gate is open)
-    gates: Mutex<HashMap<u64, (bool, bool)>>,
-    changed: Condvar,
-}
-
-impl Gates {
-    fn new(size: u64, offsets: &[u64]) -> Gates {
-        Gates {
-            mem: MemExport::new(size),
-            gates: Mutex::new(offsets.iter().map(|&o| (o, (false, false))).collect()),
-            changed: Condvar::new(),
-        }
-    }
-    fn wait_entered(&self, offset: u64) {
-        let g = self.gates.lock().unwrap();
-        let (_g, t) = self
-            .changed
-            .wait_timeout_while(g, Duration::from_secs(10), |g| !g[&offset].0)
-            .unwrap();
-        assert!(
-            !t.timed_out(),
-            "the write at {offset} never reached the export"
-        );
-    }
-    fn open(&self, offset: u64) {
-        self.gates.lock().unwrap().get_mut(&offset).unwrap().1 = true;
-        self.changed.notify_all();
-    }
-}
-
-impl Export for Gates {
-    fn size(&self) -> u64 {
-        self.mem.size()
-    }
-    fn read(&self, offset: u64, buf: &mut [u8]) -> nbd::Result<()> {
-        self.mem.read(offset, buf)
-    }
-    fn write(&self, offset: u64, data: &[u8], fua: bool) -> nbd::Result<()> {
-        let mut g = self.gates.lock().unwrap();
-        if let Some(s) = g.get_mut(&offset) {
-            s.0 = true;
-            self.changed.notify_all();
-            while !g[&offset].1 {
-                g = self.changed.wait(g).unwrap();
-            }
-        }
-        drop(g);
-        self.mem.write(offset, data, fua)
-    }
-    fn flush(&self) -> nbd::Result<()> {
-        self.mem.flush()
-    }
-    fn write_zeroes(&self, offset: u64, len: u64, may_trim: bool, fast: bool) -> nbd::Result<()> {
-        self.mem.write_zeroes(offset, len, may_trim, fast)
-    }
-}
+use common::{pattern, Gates};
+use nbd::{ExportOptions, NbdClient, NbdServer, ServerAddr, ServerConfig};
 
 fn serve(export: Arc<Gates>) -> (tempfile::TempDir, NbdServer, Arc<NbdClient>) {
     let dir = tempfile::tempdir().unwrap();

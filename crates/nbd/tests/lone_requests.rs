@@ -5,61 +5,11 @@
 mod common;
 
 use std::sync::mpsc;
-use std::sync::{Arc, Condvar, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
-use common::pattern;
-use nbd::{Export, ExportOptions, MemExport, NbdClient, NbdServer, ServerAddr, ServerConfig};
-
-/// A memory export whose writes at offset 0 wait until the gate opens.
-struct Gated {
-    mem: MemExport,
-    /// (a write is waiting, the gate is open)
-    gate: Mutex<(bool, bool)>,
-    changed: Condvar,
-}
-
-impl Gated {
-    fn wait_entered(&self) {
-        let g = self.gate.lock().unwrap();
-        let (g, t) = self
-            .changed
-            .wait_timeout_while(g, Duration::from_secs(10), |g| !g.0)
-            .unwrap();
-        assert!(!t.timed_out(), "the gated write never reached the export");
-        drop(g);
-    }
-    fn open(&self) {
-        self.gate.lock().unwrap().1 = true;
-        self.changed.notify_all();
-    }
-}
-
-impl Export for Gated {
-    fn size(&self) -> u64 {
-        self.mem.size()
-    }
-    fn read(&self, offset: u64, buf: &mut [u8]) -> nbd::Result<()> {
-        self.mem.read(offset, buf)
-    }
-    fn write(&self, offset: u64, data: &[u8], fua: bool) -> nbd::Result<()> {
-        if offset == 0 {
-            let mut g = self.gate.lock().unwrap();
-            g.0 = true;
-            self.changed.notify_all();
-            while !g.1 {
-                g = self.changed.wait(g).unwrap();
-            }
-        }
-        self.mem.write(offset, data, fua)
-    }
-    fn flush(&self) -> nbd::Result<()> {
-        self.mem.flush()
-    }
-    fn write_zeroes(&self, offset: u64, len: u64, may_trim: bool, fast: bool) -> nbd::Result<()> {
-        self.mem.write_zeroes(offset, len, may_trim, fast)
-    }
-}
+use common::{pattern, Gates};
+use nbd::{ExportOptions, MemExport, NbdClient, NbdServer, ServerAddr, ServerConfig};
 
 #[test]
 fn a_blocked_lone_request_does_not_stop_the_next_ones() {
@@ -68,11 +18,7 @@ fn a_blocked_lone_request_does_not_stop_the_next_ones() {
         workers_per_connection: 1,
         ..ServerConfig::default()
     });
-    let export = Arc::new(Gated {
-        mem: MemExport::new(1 << 20),
-        gate: Mutex::new((false, false)),
-        changed: Condvar::new(),
-    });
+    let export = Arc::new(Gates::new(1 << 20, &[0]));
     server
         .add_export("d", export.clone(), ExportOptions::default())
         .unwrap();
@@ -83,7 +29,7 @@ fn a_blocked_lone_request_does_not_stop_the_next_ones() {
     // The only request in flight: the thread that read it runs it, and blocks.
     let c = client.clone();
     let blocked = std::thread::spawn(move || c.write(0, &[0xaa; 4096], false));
-    export.wait_entered();
+    export.wait_entered(0);
 
     // Later requests on the same connection are still read and answered.
     let (tx, rx) = mpsc::channel();
@@ -103,7 +49,7 @@ fn a_blocked_lone_request_does_not_stop_the_next_ones() {
     );
     assert!(!blocked.is_finished(), "the gated write completed early");
 
-    export.open();
+    export.open(0);
     blocked.join().unwrap().unwrap();
     let mut back = vec![0u8; 4096];
     client.read(0, &mut back).unwrap();

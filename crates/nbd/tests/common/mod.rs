@@ -1,12 +1,13 @@
 //! Helpers shared by the integration tests.
 #![allow(dead_code)]
 
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
-use std::sync::Arc;
+use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
-use nbd::{ExportOptions, MemExport, NbdServer, ServerConfig};
+use nbd::{Export, ExportOptions, MemExport, NbdServer, ServerConfig};
 
 /// Fails (never skips) when a peer tool is missing, naming the Debian package.
 pub fn require_tool(tool: &str, package: &str) {
@@ -129,4 +130,64 @@ pub fn pattern(seed: u64, len: usize) -> Vec<u8> {
             x as u8
         })
         .collect()
+}
+
+/// A memory export whose writes at the gated offsets wait until their gate opens.
+pub struct Gates {
+    mem: MemExport,
+    /// offset -> (a write is waiting, the gate is open)
+    gates: Mutex<HashMap<u64, (bool, bool)>>,
+    changed: Condvar,
+}
+
+impl Gates {
+    pub fn new(size: u64, offsets: &[u64]) -> Gates {
+        Gates {
+            mem: MemExport::new(size),
+            gates: Mutex::new(offsets.iter().map(|&o| (o, (false, false))).collect()),
+            changed: Condvar::new(),
+        }
+    }
+    pub fn wait_entered(&self, offset: u64) {
+        let g = self.gates.lock().unwrap();
+        let (_g, t) = self
+            .changed
+            .wait_timeout_while(g, Duration::from_secs(10), |g| !g[&offset].0)
+            .unwrap();
+        assert!(
+            !t.timed_out(),
+            "the write at {offset} never reached the export"
+        );
+    }
+    pub fn open(&self, offset: u64) {
+        self.gates.lock().unwrap().get_mut(&offset).unwrap().1 = true;
+        self.changed.notify_all();
+    }
+}
+
+impl Export for Gates {
+    fn size(&self) -> u64 {
+        self.mem.size()
+    }
+    fn read(&self, offset: u64, buf: &mut [u8]) -> nbd::Result<()> {
+        self.mem.read(offset, buf)
+    }
+    fn write(&self, offset: u64, data: &[u8], fua: bool) -> nbd::Result<()> {
+        let mut g = self.gates.lock().unwrap();
+        if let Some(s) = g.get_mut(&offset) {
+            s.0 = true;
+            self.changed.notify_all();
+            while !g[&offset].1 {
+                g = self.changed.wait(g).unwrap();
+            }
+        }
+        drop(g);
+        self.mem.write(offset, data, fua)
+    }
+    fn flush(&self) -> nbd::Result<()> {
+        self.mem.flush()
+    }
+    fn write_zeroes(&self, offset: u64, len: u64, may_trim: bool, fast: bool) -> nbd::Result<()> {
+        self.mem.write_zeroes(offset, len, may_trim, fast)
+    }
 }
