@@ -8,6 +8,7 @@ use crate::storage::Storage;
 use parking_lot::Mutex;
 use roaring::{RoaringBitmap, RoaringTreemap};
 use std::collections::{HashMap, HashSet};
+use std::sync::atomic::{AtomicU64, Ordering};
 
 const OFFSET_MASK: u64 = 0x00ff_ffff_ffff_fe00;
 const COPIED: u64 = 1 << 63;
@@ -238,7 +239,7 @@ struct Meta {
 /// All methods take `&self`; metadata sits under one lock, and reads and
 /// writes into already-allocated clusters do their data I/O outside it.
 pub struct Qcow2<S: Storage> {
-    storage: S,
+    storage: Counted<S>,
     meta: Mutex<Meta>,
     /// Signalled when clusters leave `Meta::allocating` or `Meta::in_place`.
     alloc_done: parking_lot::Condvar,
@@ -466,7 +467,9 @@ impl<S: Storage> Qcow2<S> {
         let lazy = h.compatible & header::COMPAT_LAZY_REFCOUNTS != 0;
         let dirty_on_disk = h.incompatible & header::INCOMPAT_DIRTY != 0;
         Ok(Qcow2 {
-            storage,
+            // A new image's header and tables were written straight to the
+            // storage: its first flush must reach it.
+            storage: Counted::new(storage, creating),
             alloc_done: parking_lot::Condvar::new(),
             read_only,
             cluster_bits: h.cluster_bits,
@@ -523,7 +526,7 @@ impl<S: Storage> Qcow2<S> {
     }
     /// The storage under the image.
     pub fn storage(&self) -> &S {
-        &self.storage
+        &self.storage.inner
     }
     /// Number of L2 tables currently allocated (the set make_empty visits).
     pub fn allocated_l2_tables(&self) -> u64 {
@@ -2415,4 +2418,70 @@ fn read_backing(backing: Option<&dyn BackingRead>, offset: u64, buf: &mut [u8]) 
     }
     buf[avail..].fill(0);
     Ok(())
+}
+
+/// The image's storage, with a count of the changes made through it so that
+/// a flush with nothing changed since the last one skips the storage's
+/// flush (QEMU's write generation). On a file that is no small thing: an
+/// `fdatasync` with nothing to write still flushes the device's cache and
+/// waits behind whatever else the device is doing.
+///
+/// The count is bumped after a change completes (or fails), and a flush
+/// records the count it read before it started: a change still in flight
+/// when a flush starts is not promised by that flush, and the next flush
+/// sees it. Only changes made through this image count, which is enough:
+/// the image caches its metadata, so nothing else may write its storage.
+struct Counted<S> {
+    inner: S,
+    changes: AtomicU64,
+    flushed: AtomicU64,
+}
+
+impl<S: Storage> Counted<S> {
+    fn new(inner: S, unflushed: bool) -> Self {
+        Counted {
+            inner,
+            changes: AtomicU64::new(u64::from(unflushed)),
+            flushed: AtomicU64::new(0),
+        }
+    }
+
+    fn changed<T>(&self, r: std::io::Result<T>) -> std::io::Result<T> {
+        self.changes.fetch_add(1, Ordering::AcqRel);
+        r
+    }
+
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> std::io::Result<()> {
+        self.inner.read_at(buf, offset)
+    }
+    fn write_at(&self, buf: &[u8], offset: u64) -> std::io::Result<()> {
+        self.changed(self.inner.write_at(buf, offset))
+    }
+    /// A durable write that succeeded leaves nothing for a flush to do.
+    fn write_durable(&self, buf: &[u8], offset: u64) -> std::io::Result<()> {
+        let r = self.inner.write_durable(buf, offset);
+        if r.is_ok() {
+            r
+        } else {
+            self.changed(r)
+        }
+    }
+    fn len(&self) -> std::io::Result<u64> {
+        self.inner.len()
+    }
+    fn set_len(&self, len: u64) -> std::io::Result<()> {
+        self.changed(self.inner.set_len(len))
+    }
+    fn discard(&self, offset: u64, len: u64) -> std::io::Result<()> {
+        self.changed(self.inner.discard(offset, len))
+    }
+    fn flush(&self) -> std::io::Result<()> {
+        let now = self.changes.load(Ordering::Acquire);
+        if self.flushed.load(Ordering::Acquire) == now {
+            return Ok(());
+        }
+        self.inner.flush()?;
+        self.flushed.fetch_max(now, Ordering::AcqRel);
+        Ok(())
+    }
 }
