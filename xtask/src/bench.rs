@@ -19,6 +19,7 @@ use serde_json::{json, Value};
 
 mod notes;
 mod overhead;
+mod page_reporting;
 mod saved;
 
 const KIB: u64 = 1024;
@@ -230,6 +231,7 @@ pub fn run(root: &Path, rest: &[String]) -> Result<(), String> {
     let _ = std::fs::remove_dir_all(&work);
     std::fs::create_dir_all(&work).map_err(|e| format!("bench: {}: {e}", work.display()))?;
 
+    let reporting = page_reporting::pause(&target.join("xtask-page-reporting-order.saved"));
     let h = Harness {
         blockrep,
         work: work.clone(),
@@ -279,6 +281,7 @@ pub fn run(root: &Path, rest: &[String]) -> Result<(), String> {
     }
     missing.extend(h.missing.take());
     not_measured(&mut missing, opts.quick, want(6));
+    drop(reporting.paused);
 
     let guard = if opts.quick {
         vec!["not run in --quick (it runs in `cargo test --workspace`)".to_string()]
@@ -299,6 +302,7 @@ pub fn run(root: &Path, rest: &[String]) -> Result<(), String> {
             cpu_model()
         ),
         sh_out("uname", &["-sr"]).unwrap_or_default(),
+        reporting.line,
     ];
     let report = Report {
         quick: opts.quick,
