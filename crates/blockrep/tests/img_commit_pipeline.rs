@@ -1,15 +1,18 @@
 //! `img commit` of an overlay larger than its read-ahead queue (4 x 2 MiB),
 //! into a qcow2 base that is partly allocated already: the reader and writer
 //! threads overlap, in-place and freshly allocated multi-cluster runs mix,
-//! and unaligned pieces need copy-on-write. The result must match qemu-img's
-//! and hold the exact bytes.
+//! and unaligned pieces need copy-on-write; over 32 MiB of data is written,
+//! so the base's early writeback starts mid-copy. The result must match
+//! qemu-img's and hold the exact bytes.
 
 mod img_common;
 
 use img_common::{json, Dir};
 
 const MIB: u64 = 1 << 20;
-const SIZE: u64 = 24 * MIB;
+const SIZE: u64 = 64 * MIB;
+/// The data run at the end of the image.
+const TAIL: u64 = 40 * MIB;
 
 /// base.qcow2 (0x11 over 3-9 MiB) <- top.qcow2 (several patterns, zeros, holes),
 /// copied into ours/ and qemu/.
@@ -45,8 +48,8 @@ fn chain(d: &Dir) {
             format!("write -P 0x66 {} 65536", 14 * MIB),
             format!("write -P 0x67 {} 65536", 14 * MIB + 196608),
             format!("write -P 0x68 {} 1000", 16 * MIB + 300),
-            // The last 3 MiB, crossing a 2 MiB chunk boundary.
-            format!("write -P 0x77 {} {}", SIZE - 3 * MIB, 3 * MIB),
+            // The last 40 MiB, crossing 2 MiB chunk boundaries.
+            format!("write -P 0x77 {} {}", SIZE - TAIL, TAIL),
         ],
     );
     for sub in ["ours", "qemu"] {
@@ -85,8 +88,12 @@ fn commit_through_the_pipeline_matches_qemu_byte_for_byte() {
         format!("read -P 0x67 {} 65536", 14 * MIB + 196608),
         format!("read -P 0 {} 300", 16 * MIB),
         format!("read -P 0x68 {} 1000", 16 * MIB + 300),
-        format!("read -P 0 {} {}", 16 * MIB + 1300, 5 * MIB - 1300),
-        format!("read -P 0x77 {} {}", SIZE - 3 * MIB, 3 * MIB),
+        format!(
+            "read -P 0 {} {}",
+            16 * MIB + 1300,
+            SIZE - TAIL - 16 * MIB - 1300
+        ),
+        format!("read -P 0x77 {} {}", SIZE - TAIL, TAIL),
     ];
     d.qio("qcow2", "ours/base.qcow2", &reads);
     // The top was emptied: everything now comes from the base.
