@@ -550,37 +550,6 @@ fn set_backing_file_is_crash_safe() {
     assert!(seen_new > 0);
 }
 
-/// A storage that counts `set_len` calls (truncates and extensions) and
-/// flushes.
-#[derive(Default)]
-struct CountingStorage {
-    inner: MemStorage,
-    set_lens: std::sync::atomic::AtomicU64,
-    flushes: std::sync::atomic::AtomicU64,
-}
-
-impl Storage for CountingStorage {
-    fn read_at(&self, buf: &mut [u8], offset: u64) -> std::io::Result<()> {
-        self.inner.read_at(buf, offset)
-    }
-    fn write_at(&self, buf: &[u8], offset: u64) -> std::io::Result<()> {
-        self.inner.write_at(buf, offset)
-    }
-    fn flush(&self) -> std::io::Result<()> {
-        self.flushes
-            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        self.inner.flush()
-    }
-    fn len(&self) -> std::io::Result<u64> {
-        self.inner.len()
-    }
-    fn set_len(&self, len: u64) -> std::io::Result<()> {
-        self.set_lens
-            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        self.inner.set_len(len)
-    }
-}
-
 #[test]
 fn fresh_clusters_grow_the_file_in_steps_and_close_cuts_the_tail() {
     let st = Arc::new(CountingStorage::default());

@@ -212,3 +212,34 @@ pub fn first_diff(a: &[u8], b: &[u8]) -> Option<usize> {
     }
     a.iter().zip(b).position(|(x, y)| x != y)
 }
+
+/// A storage that counts `set_len` calls (truncates and extensions) and
+/// flushes.
+#[derive(Default)]
+pub struct CountingStorage {
+    pub inner: qcow_lite::MemStorage,
+    pub set_lens: std::sync::atomic::AtomicU64,
+    pub flushes: std::sync::atomic::AtomicU64,
+}
+
+impl Storage for CountingStorage {
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> std::io::Result<()> {
+        self.inner.read_at(buf, offset)
+    }
+    fn write_at(&self, buf: &[u8], offset: u64) -> std::io::Result<()> {
+        self.inner.write_at(buf, offset)
+    }
+    fn flush(&self) -> std::io::Result<()> {
+        self.flushes
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        self.inner.flush()
+    }
+    fn len(&self) -> std::io::Result<u64> {
+        self.inner.len()
+    }
+    fn set_len(&self, len: u64) -> std::io::Result<()> {
+        self.set_lens
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        self.inner.set_len(len)
+    }
+}
